@@ -1,0 +1,221 @@
+"""The `dojo` command."""
+from __future__ import annotations
+
+import csv
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import DojoError
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """User errors become one line on stderr and exit code 2; interrupts exit 130/143."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .trainer import Interrupted
+        try:
+            return fn(*args, **kwargs)
+        except DojoError as exc:
+            _fail(str(exc))
+        except Interrupted as exc:
+            click.echo(f"\n{exc}", err=True)
+            sys.exit(exc.exit_code)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="torchdojo")
+def main():
+    """torchdojo: neural-network training methods, composable through YAML recipes.
+
+    \b
+    Start with:   dojo train quickstart
+    List recipes: dojo recipes        List data: dojo datasets
+    """
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Where to write the run "
+              "(default: runs/<recipe-name>-<timestamp>/).")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@handle_errors
+def train(recipe, overrides, run_dir, quiet):
+    """Train RECIPE (a YAML file or a built-in name), with optional key.path=value OVERRIDES.
+
+    \b
+    Examples:
+      dojo train quickstart
+      dojo train quickstart phases.main.epochs=5 optimizer.lr=1e-3
+      dojo train my.yaml seed=3 --run-dir runs/try3
+    The run directory gets recipe.yaml, metrics.jsonl, summary.json and checkpoints/."""
+    from .recipe import load_recipe
+    from .trainer import Trainer, default_run_dir
+
+    r = load_recipe(recipe, list(overrides))
+    run_dir = Path(run_dir) if run_dir else default_run_dir(r)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise DojoError(f"run directory {run_dir} is not empty; use `dojo resume {run_dir}` or another --run-dir")
+    trainer = Trainer(r, run_dir, quiet=quiet)
+    if not quiet:
+        click.echo(f"run directory: {run_dir}")
+    trainer.fit()
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@handle_errors
+def resume(run_dir, quiet):
+    """Continue an interrupted run from its last checkpoint."""
+    from .trainer import Trainer
+
+    trainer = Trainer.from_run_dir(run_dir, quiet=quiet)
+    if trainer._resume_from is None:
+        raise DojoError(f"{run_dir} has no checkpoint to resume from")
+    if not quiet:
+        click.echo(f"resuming {run_dir} at step {trainer.state.step} of {trainer.total_steps}")
+    trainer.fit()
+
+
+def _load_for_inference(run_dir: str):
+    from .trainer import Trainer
+    from .checkpoint import WEIGHTS
+    from safetensors.torch import load_file
+
+    trainer = Trainer.from_run_dir(run_dir, quiet=True)
+    final = Path(run_dir) / "checkpoints" / "final" / WEIGHTS
+    if final.is_file():
+        model = trainer.state.model
+        model.load_state_dict(load_file(str(final)))
+    else:
+        if trainer._resume_from is None:
+            raise DojoError(f"{run_dir} has neither a final model nor a checkpoint")
+        for m in trainer.hooks["on_fit_start"]:
+            m.on_fit_start(trainer.state)
+        for m, sd in zip(trainer.methods, trainer._resume_from[1]["methods"]):
+            m.load_state_dict(sd)
+        model = trainer.final_model()
+    return trainer, model.eval()
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
+@handle_errors
+def eval_(run_dir, split):
+    """Print the metrics of a run's final model (or latest checkpoint) on a split."""
+    from .log import print_metrics_table
+
+    trainer, model = _load_for_inference(run_dir)
+    metrics = {}
+    for name in (["train", "val", "test"] if split == "all" else [split]):
+        metrics.update(trainer.evaluate(name, model))
+    print_metrics_table(metrics, f"{trainer.recipe.name}: {run_dir}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV (feature columns by name, as in training; extra columns ignored) or NPZ (array x).")
+@click.option("--output", "output_path", default="-", show_default=True,
+              help="CSV to write: prediction and, for classes, one probability column each.")
+@handle_errors
+def predict(run_dir, input_path, output_path):
+    """Predict with a trained run on new inputs."""
+    import numpy as np
+    import torch
+
+    trainer, model = _load_for_inference(run_dir)
+    info = trainer.state.data.info
+    x = _read_inputs(input_path, info)
+    tensor = info.prepare(x).to(trainer.device)
+    with torch.no_grad():
+        columns = trainer.state.task.predict(model, tensor, info)
+    out = sys.stdout if output_path == "-" else open(output_path, "w", newline="")
+    try:
+        writer = csv.writer(out)
+        writer.writerow(list(columns))
+        for row in zip(*columns.values()):
+            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if output_path != "-":
+        click.echo(f"wrote {len(next(iter(columns.values())))} predictions to {output_path}", err=True)
+    del np
+
+
+def _read_inputs(path: str, info):
+    import numpy as np
+
+    from .data.files import DataError, numeric_matrix, read_csv_columns
+
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f.files:
+                raise DataError(f"{path}: no array 'x' (found: {', '.join(f.files)})")
+            return f["x"]
+    columns = read_csv_columns(path)
+    names = info.feature_names
+    if names and all(n in columns for n in names):
+        return numeric_matrix(columns, names, path)
+    if names:
+        missing = [n for n in names if n not in columns]
+        raise DataError(f"{path}: missing feature column(s) used in training: {', '.join(missing[:5])}")
+    return numeric_matrix(columns, list(columns), path)
+
+
+@main.command()
+def recipes():
+    """List the built-in recipes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .recipe import builtin_recipes, parse_yaml
+
+    table = Table(title="built-in recipes (dojo train NAME)")
+    table.add_column("name")
+    table.add_column("description")
+    for name, path in sorted(builtin_recipes().items()):
+        table.add_row(name, (parse_yaml(path.read_text(), name) or {}).get("description", ""))
+    Console().print(table)
+
+
+@main.command()
+def datasets():
+    """List the built-in datasets with shapes and class counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .data import DATASETS
+    from .data.bundle import make_bundle
+
+    table = Table(title="built-in datasets (data: {name: NAME})")
+    for col in ("name", "task", "input shape", "classes", "train/val/test", "description"):
+        table.add_column(col)
+    for name, factory in DATASETS.items():
+        if name in ("csv", "npz"):
+            continue
+        b = make_bundle(factory(), 0.1, 0.2, 0)
+        info = b.info
+        table.add_row(name, info.task_type, "x".join(map(str, info.input_shape)),
+                      str(info.num_outputs) if info.task_type == "classification" else "-",
+                      "/".join(str(info.sizes[s]) for s in ("train", "val", "test")),
+                      (factory.__doc__ or "").split("\n")[0])
+    table.add_row("csv", "either", "-", "-", "-", "user CSV: {name: csv, path: FILE, target: COLUMN}")
+    table.add_row("npz", "either", "-", "-", "-", "user NPZ: {name: npz, path: FILE} with arrays x, y")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

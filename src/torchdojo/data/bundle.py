@@ -1,0 +1,148 @@
+"""Splitting a dataset into train/val/test and the metadata a run keeps to predict on new inputs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import DojoError
+from .raw import RawDataset
+
+
+@dataclass
+class DataInfo:
+    """What a model and `dojo predict` need to know about the data; saved as `data_info.json`."""
+    task_type: str
+    kind: str
+    input_shape: list[int]
+    num_outputs: int
+    class_names: list[str] = field(default_factory=list)
+    feature_names: list[str] = field(default_factory=list)
+    x_mean: list[float] | None = None   # per-feature standardisation fitted on train (tables)
+    x_std: list[float] | None = None
+    y_mean: list[float] | None = None   # regression targets are trained standardised
+    y_std: list[float] | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataInfo":
+        return cls(**d)
+
+    def prepare(self, x: np.ndarray) -> torch.Tensor:
+        """Raw inputs (as in the data files) to the tensor the model was trained on."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == len(self.input_shape) and len(self.input_shape) > 1:
+            x = x[None]
+        if tuple(x.shape[1:]) != tuple(self.input_shape):
+            if x.ndim == 2 and int(np.prod(self.input_shape)) == x.shape[1]:
+                x = x.reshape(len(x), *self.input_shape)   # flattened images or sequences in a CSV
+            else:
+                raise DojoError(f"inputs have shape {tuple(x.shape[1:])} per row, the model expects "
+                                f"{tuple(self.input_shape)}")
+        if not np.all(np.isfinite(x)):
+            raise DojoError("inputs contain NaN or infinite values")
+        if self.x_mean is not None:
+            x = (x - np.asarray(self.x_mean, np.float32)) / np.asarray(self.x_std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def target_to_original(self, y: torch.Tensor) -> torch.Tensor:
+        if self.y_mean is None:
+            return y
+        return y * torch.tensor(self.y_std, device=y.device) + torch.tensor(self.y_mean, device=y.device)
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def to(self, device) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class DataBundle:
+    """The splits of one dataset plus its DataInfo. Later issues add more streams (e.g. `unlabeled`)."""
+    train: Split
+    val: Split
+    test: Split
+    info: DataInfo
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise DojoError(f"unknown split '{name}'; choose train, val or test")
+        return getattr(self, name)
+
+    def to(self, device) -> "DataBundle":
+        return DataBundle(self.train.to(device), self.val.to(device), self.test.to(device), self.info)
+
+
+def _split_indices(y: np.ndarray, fraction: float, seed: int, stratify: bool, what: str):
+    from sklearn.model_selection import train_test_split
+
+    n = len(y)
+    n_out = int(round(n * fraction))
+    if n_out < 1 or n - n_out < 1:
+        raise DojoError(f"data: a {what} fraction of {fraction} of {n} rows leaves an empty split; "
+                        "change the fraction or use more data")
+    idx = np.arange(n)
+    strat = y if stratify and np.min(np.bincount(y)) >= 2 and n_out >= len(np.unique(y)) else None
+    keep, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True, stratify=strat)
+    return np.sort(keep), np.sort(out)
+
+
+def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int,
+                standardize: bool | None = None) -> DataBundle:
+    """Stratified (for classes) train/val/test split, standardisation fitted on train only."""
+    classify = raw.task_type == "classification"
+    if len(raw.x) == 0:
+        raise DojoError("data: the dataset is empty")
+    if classify and raw.class_names and np.max(raw.y) >= len(raw.class_names):
+        raise DojoError(f"data: label {int(np.max(raw.y))} is out of range for {len(raw.class_names)} classes")
+    x, y = raw.x, raw.y
+    if raw.x_test is not None:
+        x_test, y_test = raw.x_test, raw.y_test
+    else:
+        keep, test_idx = _split_indices(y, test_fraction, seed, classify, "test")
+        x, y, x_test, y_test = x[keep], y[keep], x[test_idx], y[test_idx]
+    keep, val_idx = _split_indices(y, val_fraction, seed + 1, classify, "val")
+    x_train, y_train, x_val, y_val = x[keep], y[keep], x[val_idx], y[val_idx]
+
+    info = DataInfo(task_type=raw.task_type, kind=raw.kind, input_shape=list(x.shape[1:]),
+                    num_outputs=len(raw.class_names) if classify else (1 if y.ndim == 1 else y.shape[1]),
+                    class_names=list(raw.class_names), feature_names=list(raw.feature_names),
+                    sizes={"train": len(x_train), "val": len(x_val), "test": len(x_test)})
+    if standardize if standardize is not None else raw.kind == "tabular":
+        mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+        std = np.where(std > 1e-8, std, 1.0)   # constant columns stay as they are
+        info.x_mean, info.x_std = mean.ravel().tolist(), std.ravel().tolist()
+        mean, std = mean.astype(np.float32), std.astype(np.float32)
+        x_train, x_val, x_test = [(a - mean) / std for a in (x_train, x_val, x_test)]
+    if not classify:
+        y_mean, y_std = y_train.mean(axis=0), y_train.std(axis=0)
+        y_std = np.where(y_std > 1e-8, y_std, 1.0)
+        info.y_mean, info.y_std = np.atleast_1d(y_mean).tolist(), np.atleast_1d(y_std).tolist()
+        y_train, y_val, y_test = [((a - y_mean) / y_std).astype(np.float32) for a in (y_train, y_val, y_test)]
+
+    def as_split(a, b):
+        return Split(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)),
+                     torch.from_numpy(np.ascontiguousarray(b)))
+    return DataBundle(as_split(x_train, y_train), as_split(x_val, y_val), as_split(x_test, y_test), info)
+
+
+def load_data(spec: dict, seed: int) -> DataBundle:
+    """Build the bundle from a validated `data:` recipe section."""
+    from ..registry import DATASETS
+
+    split_keys = ("val_fraction", "test_fraction", "split_seed", "standardize")
+    raw = DATASETS.build(spec, "data", extra_keys=split_keys)
+    split_seed = spec.get("split_seed")
+    return make_bundle(raw, spec.get("val_fraction", 0.1), spec.get("test_fraction", 0.2),
+                       seed if split_seed is None else split_seed, spec.get("standardize"))

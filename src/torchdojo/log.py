@@ -1,0 +1,119 @@
+"""Where a run reports: `metrics.jsonl` in the run directory and the terminal (a rich progress bar
+when interactive, one line per epoch otherwise, nothing with --quiet)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class MetricsFile:
+    """Appends one JSON object per line; each line is flushed so a crash loses nothing logged."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = path
+        if truncate_after_step is not None and path.exists():
+            # On resume, drop entries logged after the checkpoint: they will be produced again.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._fh = path.open("a")
+
+    def write(self, entry: dict) -> None:
+        self._fh.write(json.dumps(entry, allow_nan=True) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+class Reporter:
+    """Terminal output of a training run."""
+
+    def __init__(self, total_steps: int, quiet: bool = False, console: Console | None = None):
+        self.console = console or Console(stderr=False)
+        self.quiet = quiet
+        self.interactive = self.console.is_terminal and not quiet
+        self.total_steps = total_steps
+        self.progress: Progress | None = None
+        self._task = None
+        self._t0 = time.perf_counter()
+
+    def start(self, step: int) -> None:
+        if not self.interactive:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[speed]} samples/s"), TimeRemainingColumn(),
+            console=self.console, transient=False)
+        self.progress.start()
+        self._task = self.progress.add_task("", total=self.total_steps, completed=step,
+                                            loss="-", lr="-", speed="-")
+
+    def update(self, step: int, phase: str, epoch: float, loss: float, lr: float, speed: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self._task, completed=step, description=f"{phase} · epoch {epoch:.1f}",
+                                 loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{speed:,.0f}")
+
+    def epoch_line(self, entry: dict) -> None:
+        if self.quiet:
+            return
+        parts = [f"{entry['phase']}", f"epoch {entry['epoch']:.1f}", f"step {entry['step']}/{self.total_steps}"]
+        parts += [f"{k} {fmt(v)}" for k, v in entry.items() if k.startswith(("train/loss", "val/"))]
+        line = " | ".join(parts)
+        if self.progress is not None:
+            self.progress.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def table(self, metrics: dict, title: str) -> None:
+        if self.quiet:
+            return
+        print_metrics_table(metrics, title, self.console)
+
+
+def print_metrics_table(metrics: dict, title: str, console: Console | None = None) -> None:
+    """Rows are metric names, columns are splits (`split/name` keys)."""
+    console = console or Console()
+    splits = sorted({k.split("/", 1)[0] for k in metrics}, key=lambda s: ["train", "val", "test"].index(s)
+                    if s in ("train", "val", "test") else 9)
+    names = list(dict.fromkeys(k.split("/", 1)[1] for k in metrics))
+    table = Table(title=title)
+    table.add_column("metric")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for name in names:
+        table.add_row(name, *[fmt(metrics[f"{s}/{name}"]) if f"{s}/{name}" in metrics else "" for s in splits])
+    console.print(table)
+
+
+def stdout_console() -> Console:
+    return Console(file=sys.stdout)

@@ -1,0 +1,42 @@
+"""A small 2-D convolutional network for (C, H, W) images such as the 8x8 digits."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class CNNConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    hidden: int = 128
+    dropout: float = 0.0
+    batch_norm: bool = True
+
+
+class CNN(nn.Module):
+    """Blocks of conv3x3 -> BatchNorm -> ReLU -> 2x2 max-pool (while the image is at least 4 wide)."""
+    Config = CNNConfig
+
+    def __init__(self, input_shape, num_outputs: int, config: CNNConfig = CNNConfig()):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"cnn expects image inputs (C, H, W), got shape {tuple(input_shape)}; "
+                             "use mlp for tables or cnn1d/gru for sequences")
+        c, h, w = input_shape
+        blocks: list[nn.Module] = []
+        for out in config.channels:
+            blocks += [nn.Conv2d(c, out, 3, padding=1, bias=not config.batch_norm)]
+            blocks += [nn.BatchNorm2d(out)] if config.batch_norm else []
+            blocks += [nn.ReLU()]
+            if min(h, w) >= 4:
+                blocks.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c = out
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, config.hidden), nn.ReLU(),
+                                  nn.Dropout(config.dropout), nn.Linear(config.hidden, num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

@@ -1,0 +1,43 @@
+"""A small 1-D convolutional network for (C, L) sequences such as MNIST-1D."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class CNN1dConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    kernel_size: int = 5
+    hidden: int = 128
+    dropout: float = 0.0
+    batch_norm: bool = True
+
+
+class CNN1d(nn.Module):
+    """Blocks of conv1d -> BatchNorm -> ReLU -> max-pool by 2 (while the sequence is at least 4 long)."""
+    Config = CNN1dConfig
+
+    def __init__(self, input_shape, num_outputs: int, config: CNN1dConfig = CNN1dConfig()):
+        super().__init__()
+        if len(input_shape) != 2:
+            raise ValueError(f"cnn1d expects sequences (C, L), got shape {tuple(input_shape)}")
+        c, length = input_shape
+        blocks: list[nn.Module] = []
+        for out in config.channels:
+            blocks += [nn.Conv1d(c, out, config.kernel_size, padding=config.kernel_size // 2,
+                                 bias=not config.batch_norm)]
+            blocks += [nn.BatchNorm1d(out)] if config.batch_norm else []
+            blocks += [nn.ReLU()]
+            if length >= 4:
+                blocks.append(nn.MaxPool1d(2))
+                length //= 2
+            c = out
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * length, config.hidden), nn.ReLU(),
+                                  nn.Dropout(config.dropout), nn.Linear(config.hidden, num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

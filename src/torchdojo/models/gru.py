@@ -1,0 +1,33 @@
+"""A GRU (Cho et al. 2014, arXiv 1406.1078) over (C, L) sequences, classifying from the last state."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GRUConfig:
+    hidden: int = 64
+    layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+
+
+class GRU(nn.Module):
+    Config = GRUConfig
+
+    def __init__(self, input_shape, num_outputs: int, config: GRUConfig = GRUConfig()):
+        super().__init__()
+        if len(input_shape) != 2:
+            raise ValueError(f"gru expects sequences (C, L), got shape {tuple(input_shape)}")
+        self.rnn = nn.GRU(input_shape[0], config.hidden, num_layers=config.layers, batch_first=True,
+                          bidirectional=config.bidirectional,
+                          dropout=config.dropout if config.layers > 1 else 0.0)
+        self.head = nn.Linear(config.hidden * (2 if config.bidirectional else 1), num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.rnn(x.transpose(1, 2))            # (B, C, L) -> (B, L, C)
+        last = torch.cat([h[-2], h[-1]], dim=1) if self.rnn.bidirectional else h[-1]
+        return self.head(last)

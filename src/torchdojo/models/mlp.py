@@ -1,0 +1,40 @@
+"""Multi-layer perceptron for tables (or anything, flattened)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+@dataclass
+class MLPConfig:
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    dropout: float = 0.0
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    batch_norm: bool = False
+
+
+class MLP(nn.Module):
+    Config = MLPConfig
+
+    def __init__(self, input_shape, num_outputs: int, config: MLPConfig = MLPConfig()):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for h in config.hidden:
+            layers.append(nn.Linear(width, h))
+            if config.batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(ACTIVATIONS[config.activation]())
+            if config.dropout > 0:
+                layers.append(nn.Dropout(config.dropout))
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_outputs)
+
+    def forward(self, x):
+        return self.head(self.body(x))

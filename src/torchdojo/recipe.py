@@ -1,0 +1,276 @@
+"""Recipes: YAML files validated with pydantic before anything is built.
+
+`load_recipe(source, overrides)` reads a file or built-in recipe name, applies dotted `key.path=value`
+overrides, and validates the structure and every named component against its registry. Any problem
+is one `ConfigError` naming the key path and the valid choices."""
+from __future__ import annotations
+
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ConfigError, DojoError, choices_text, did_you_mean
+from .registry import DATASETS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS, load_plugins
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(BaseModel):
+    """`data:`: the dataset's own options (by `name`) plus how to split it."""
+    model_config = ConfigDict(extra="allow")
+    name: str
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: Optional[int] = None          # default: the recipe's seed
+    standardize: Optional[bool] = None        # default: yes for tables
+
+
+class PhaseSpec(_Strict):
+    """One training stage. `optimizer`, `batch_size` and `losses` carry over from the previous phase
+    when left out (the optimizer then keeps its state); `schedule` and `freeze` do not."""
+    name: Optional[str] = None
+    epochs: Optional[float] = Field(None, gt=0)
+    steps: Optional[int] = Field(None, gt=0)
+    batch_size: Optional[int] = Field(None, gt=0)
+    optimizer: Optional[dict[str, Any]] = None
+    schedule: list[dict[str, Any]] = []
+    losses: Optional[list[dict[str, Any]]] = None
+    freeze: list[str] = []                    # glob patterns of module names, e.g. "features.*"
+
+
+class EvalSpec(_Strict):
+    every_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(1024, ge=1)
+
+
+class CheckpointSpec(_Strict):
+    every_epochs: Optional[int] = Field(1, ge=1)
+    every_steps: Optional[int] = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class LogSpec(_Strict):
+    every_steps: int = Field(10, ge=1)
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    data: DataSpec
+    model: dict[str, Any]
+    task: dict[str, Any] = {"name": "classify"}
+    phases: list[PhaseSpec] = Field(min_length=1)
+    methods: list[dict[str, Any]] = []
+    eval: EvalSpec = EvalSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    log: LogSpec = LogSpec()
+
+    def phase_name(self, i: int) -> str:
+        return self.phases[i].name or f"phase{i}"
+
+    def active_optimizer_phase(self, i: int) -> int:
+        """Index of the phase whose optimizer is in use during phase i (the last one that set it)."""
+        return max(j for j in range(i + 1) if self.phases[j].optimizer is not None)
+
+    def batch_size(self, i: int) -> int:
+        return next(p.batch_size for p in reversed(self.phases[:i + 1]) if p.batch_size is not None)
+
+    def losses(self, i: int) -> list[dict]:
+        for p in reversed(self.phases[:i + 1]):
+            if p.losses is not None:
+                return p.losses
+        return TASKS.get(self.task["name"]).factory.default_losses
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise DojoError(f"{where}: invalid YAML: {exc}") from None
+
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = resources.files("torchdojo") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def read_recipe_source(source: str) -> tuple[dict, str]:
+    """A YAML file path or a built-in recipe name -> (raw mapping, where it came from)."""
+    path = Path(source)
+    if path.is_file():
+        where = str(path)
+    else:
+        builtins = builtin_recipes()
+        if source not in builtins:
+            raise DojoError(f"no recipe file or built-in recipe '{source}'{did_you_mean(source, builtins)}; "
+                            f"built-in recipes: {choices_text(builtins)}")
+        path, where = builtins[source], f"built-in recipe '{source}'"
+    raw = parse_yaml(path.read_text(), where)
+    if not isinstance(raw, dict):
+        raise DojoError(f"{where}: a recipe must be a YAML mapping")
+    return raw, where
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply `a.b.0.c=value` (value parsed as YAML) to the raw recipe; list items by index or name."""
+    if "=" not in assignment:
+        raise ConfigError(assignment, "an override must look like key.path=value")
+    key, _, text = assignment.partition("=")
+    value = parse_yaml(text, f"override {key}") if text.strip() else None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[:i + 1])
+        if isinstance(node, list):
+            index = _list_index(node, part, where)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(where, f"cannot set a key inside a {type(node).__name__} value")
+
+
+def _list_index(items: list, part: str, where: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise ConfigError(where, f"index {index} is out of range (the list has {len(items)} items)")
+        return index
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if part in names:
+        return names.index(part)
+    raise ConfigError(where, f"no list item named '{part}'{did_you_mean(part, [n for n in names if n])}; "
+                             "use an index or one of: " + choices_text([n for n in names if n]))
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+def _model_at(model: type, loc: tuple) -> type | None:
+    """The pydantic model class reached by following `loc` from `model` (for listing valid keys)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = current.model_fields[part].annotation
+        while typing.get_origin(current) in (typing.Union, types.UnionType, list):
+            args = [a for a in typing.get_args(current) if a is not type(None)]
+            current = args[0] if args else None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _structure_error(exc: pydantic.ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(Recipe, loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        key = str(loc[-1])
+        return ConfigError(path, f"unknown key '{key}'{did_you_mean(key, valid)}; valid keys: {choices_text(valid)}")
+    if err["type"] == "missing":
+        return ConfigError(path, "required key is missing")
+    return ConfigError(path, f"{err['msg']} (got {err.get('input')!r})")
+
+
+def validate_recipe(raw: dict) -> Recipe:
+    """Structure first (pydantic), then each named component against its registry."""
+    load_plugins()
+    try:
+        recipe = Recipe.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise _structure_error(exc) from None
+
+    def component(registry, spec, path, extra=()):
+        options = registry.validate(spec, path, extra)
+        return {"name": spec["name"], **options, **{k: spec[k] for k in extra if k in spec}}
+
+    split_keys = ("val_fraction", "test_fraction", "split_seed", "standardize")
+    data = component(DATASETS, recipe.data.model_dump(), "data", split_keys)
+    recipe.data = DataSpec.model_validate(data)
+    recipe.model = component(MODELS, recipe.model, "model")
+    recipe.task = component(TASKS, recipe.task, "task")
+    recipe.methods = [component(METHODS, m, f"methods.{i}") for i, m in enumerate(recipe.methods)]
+    if recipe.phases[0].optimizer is None:
+        raise ConfigError("phases.0.optimizer", "the first phase must set an optimizer; choose one of: "
+                          + choices_text(OPTIMIZERS.names()))
+    if recipe.phases[0].batch_size is None:
+        recipe.phases[0].batch_size = 64
+    names = set()
+    for i, phase in enumerate(recipe.phases):
+        path = f"phases.{i}"
+        if (phase.epochs is None) == (phase.steps is None):
+            raise ConfigError(path, "a phase needs exactly one of `epochs` or `steps`")
+        if phase.name is not None and phase.name in names:
+            raise ConfigError(f"{path}.name", f"phase name '{phase.name}' is used twice")
+        names.add(phase.name)
+        if phase.optimizer is not None:
+            phase.optimizer = component(OPTIMIZERS, phase.optimizer, f"{path}.optimizer")
+        phase.schedule = [component(SCHEDULES, s, f"{path}.schedule.{j}") for j, s in enumerate(phase.schedule)]
+        if phase.losses is not None:
+            if not phase.losses:
+                raise ConfigError(f"{path}.losses", "give at least one loss term")
+            phase.losses = [_loss_term(t, f"{path}.losses.{j}") for j, t in enumerate(phase.losses)]
+    return recipe
+
+
+def _loss_term(spec: dict, path: str) -> dict:
+    options = LOSSES.validate(spec, path, extra_keys=("weight",))
+    weight = spec.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ConfigError(f"{path}.weight", f"a loss weight must be a number (got {weight!r})")
+    return {"name": spec["name"], **options, "weight": float(weight)}
+
+
+def load_recipe(source: str | dict, overrides: list[str] = ()) -> Recipe:
+    """Read (file, built-in name or mapping), apply overrides, validate."""
+    if isinstance(source, dict):
+        import copy
+        raw = copy.deepcopy(source)
+    else:
+        raw, _ = read_recipe_source(source)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_recipe(raw)

@@ -1,0 +1,38 @@
+"""Pieces shared by the tasks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossTerm:
+    """One weighted loss term of a phase; logged as `train/loss/<name>`."""
+    name: str
+    weight: float
+    fn: nn.Module
+
+
+def weighted_loss(out: torch.Tensor, target: torch.Tensor, terms: list[LossTerm]):
+    """Sum of weighted terms, and each weighted term detached for logging."""
+    if len(terms) == 1 and terms[0].weight == 1.0:   # the common case, without extra ops
+        loss = terms[0].fn(out, target)
+        return loss, {terms[0].name: loss.detach()}
+    parts = {}
+    total = None
+    for term in terms:
+        value = term.weight * term.fn(out, target)
+        parts[term.name] = value.detach()
+        total = value if total is None else total + value
+    return total, parts
+
+
+@torch.no_grad()
+def collect_outputs(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    outs, ys = [], []
+    for batch in loader:
+        outs.append(model(batch["x"]))
+        ys.append(batch["y"])
+    return torch.cat(outs), torch.cat(ys)

@@ -1,0 +1,41 @@
+"""Classification: logits over K classes; metrics accuracy, macro-F1 and NLL."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import collect_outputs, weighted_loss
+
+
+def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN); classes absent from both count 0."""
+    confusion = torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, -1)
+    tp = confusion.diag().double()
+    denom = 2 * tp + (confusion.sum(0) - confusion.diag()) + (confusion.sum(1) - confusion.diag())
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    return f1.mean().item()
+
+
+class Classify:
+    """Multi-class classification with a softmax over the model's outputs."""
+    task_type = "classification"
+    default_losses = [{"name": "cross_entropy"}]
+
+    def training_loss(self, model, batch, terms):
+        return weighted_loss(model(batch["x"]), batch["y"], terms)
+
+    def evaluate(self, model, loader, info) -> dict[str, float]:
+        logits, y = collect_outputs(model, loader)
+        nll = F.cross_entropy(logits.float(), y).item()
+        pred = logits.argmax(1)
+        return {"loss": nll, "nll": nll, "accuracy": (pred == y).double().mean().item(),
+                "f1_macro": macro_f1(pred, y, info.num_outputs)}
+
+    @torch.no_grad()
+    def predict(self, model, x: torch.Tensor, info) -> dict[str, list]:
+        probs = torch.softmax(model(x).float(), dim=1)
+        names = info.class_names or [str(i) for i in range(probs.shape[1])]
+        columns: dict[str, list] = {"prediction": [names[i] for i in probs.argmax(1).tolist()]}
+        for i, name in enumerate(names):
+            columns[f"prob_{name}"] = probs[:, i].tolist()
+        return columns

@@ -1,0 +1,465 @@
+"""The trainer: one loop over the recipe's phases that calls the methods' hooks.
+
+Read `Trainer.fit` top to bottom: phases, epochs, steps, evaluation, checkpoints. Everything that
+varies between recipes lives in the task (objective, metrics) and the methods (hooks)."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, list_checkpoints, save_checkpoint, save_weights
+from .data import DataBundle, TensorLoader, load_data
+from .errors import ConfigError, DojoError, choices_text
+from .log import MetricsFile, Reporter
+from .methods import HOOKS, Method
+from .recipe import Recipe, load_recipe
+from .registry import LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
+from .schedules import compose
+from .tasks import LossTerm
+
+CHECKPOINT_FORMAT = 1
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint; `exit_code` is 130 or 143."""
+
+    def __init__(self, exit_code: int, run_dir: Path | None):
+        self.exit_code, self.run_dir = exit_code, run_dir
+        super().__init__(f"interrupted; resume with: dojo resume {run_dir}" if run_dir else "interrupted")
+
+
+@dataclass
+class TrainState:
+    """Everything a method may read. Counters are the single source of truth for resume."""
+    recipe: Recipe
+    model: nn.Module
+    data: DataBundle
+    task: Any
+    device: torch.device
+    optimizer: torch.optim.Optimizer | None = None
+    loader: TensorLoader | None = None
+    phase_index: int = 0
+    phase_name: str = ""
+    phase_steps: int = 0             # length of the current phase in optimizer steps
+    steps_per_epoch: int = 0
+    step: int = 0                    # optimizer steps since the start of the run
+    step_in_phase: int = 0
+    epoch_in_phase: int = 0          # completed epochs in the current phase
+    batch_in_epoch: int = 0
+    epochs_done: float = 0.0         # completed epochs in finished phases
+    stop_reason: str | None = None
+    eval_model: nn.Module | None = None
+    step_logs: dict[str, Any] = field(default_factory=dict)   # scalars methods want logged
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done so far, counting partial ones: `metrics.jsonl`'s `epoch`."""
+        return self.epochs_done + self.epoch_in_phase + self.batch_in_epoch / max(1, self.steps_per_epoch)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DojoError("device: cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in rng["python"]))
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def frozen_modules(model: nn.Module, patterns: list[str], path: str) -> list[nn.Module]:
+    """Modules whose qualified names match any glob pattern; a pattern matching nothing is an error."""
+    named = dict(model.named_modules())
+    found = []
+    for pattern in patterns:
+        matches = [m for name, m in named.items() if name and fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            top = [n for n in named if n and "." not in n]
+            raise ConfigError(path, f"freeze pattern '{pattern}' matches no module; top-level modules: "
+                                    f"{choices_text(top)}")
+        found += matches
+    return found
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, quiet: bool = False,
+                 reporter: Reporter | None = None):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.quiet = quiet
+        seed_everything(recipe.seed)
+        self.device = resolve_device(recipe.device)
+        data = load_data(recipe.data.model_dump(), recipe.seed)
+        task = TASKS.build(recipe.task, "task")
+        if task.task_type != data.info.task_type:
+            raise ConfigError("task.name", f"task '{recipe.task['name']}' is for {task.task_type}, but the "
+                                           f"data '{recipe.data.name}' is a {data.info.task_type} dataset")
+        try:
+            model = MODELS.build(recipe.model, "model", input_shape=tuple(data.info.input_shape),
+                                 num_outputs=data.info.num_outputs).to(self.device)
+        except ValueError as exc:
+            raise ConfigError("model", str(exc)) from None
+        self.methods: list[Method] = [METHODS.build(m, f"methods.{i}") for i, m in enumerate(recipe.methods)]
+        # Only hooks a method overrides are called: unused hooks cost nothing in the step.
+        self.hooks = {h: [m for m in self.methods if getattr(type(m), h) is not getattr(Method, h)] for h in HOOKS}
+        self.state = TrainState(recipe, model, data.to(self.device), task, self.device)
+        self.phase_plan = [self._phase_length(i) for i in range(len(recipe.phases))]
+        self.total_steps = sum(steps for steps, _ in self.phase_plan)
+        self.reporter = reporter or Reporter(self.total_steps, quiet=quiet)
+        self._optimizer_phase = -1
+        self._resume_from: tuple[dict, dict] | None = None
+        self._wall_before = 0.0
+        self._last_eval_step = -1
+        self._last_checkpoint_step = -1
+        self._interrupt: int | None = None
+        self._last_train: dict = {}
+
+    # -- building pieces -------------------------------------------------------------------------
+
+    def _phase_length(self, i: int) -> tuple[int, int]:
+        """(steps in phase i, steps per epoch at its batch size)."""
+        phase = self.recipe.phases[i]
+        per_epoch = len(self._loader(i))
+        steps = phase.steps if phase.steps is not None else max(1, round(phase.epochs * per_epoch))
+        return steps, per_epoch
+
+    def _loader(self, i: int) -> TensorLoader:
+        return TensorLoader(self.state.data.train, self.recipe.batch_size(i), shuffle=True,
+                            seed=self.recipe.seed * 100 + i, drop_last=True)
+
+    def _eval_loader(self, split: str) -> TensorLoader:
+        return TensorLoader(self.state.data.split(split), self.recipe.eval.batch_size)
+
+    def _enter_phase(self, i: int) -> None:
+        """Build what phase i uses: optimizer (if it switches), loader, schedule, losses, frozen parts."""
+        s, phase = self.state, self.recipe.phases[i]
+        s.phase_index, s.phase_name = i, self.recipe.phase_name(i)
+        s.phase_steps, s.steps_per_epoch = self.phase_plan[i]
+        path = f"phases.{i}"
+        for p in s.model.parameters():
+            p.requires_grad_(True)
+        self._frozen = frozen_modules(s.model, phase.freeze, f"{path}.freeze")
+        for m in self._frozen:
+            m.requires_grad_(False)
+        opt_phase = self.recipe.active_optimizer_phase(i)
+        if opt_phase != self._optimizer_phase:
+            # A phase that names an optimizer starts it fresh; one that does not keeps the current one.
+            s.optimizer = OPTIMIZERS.build(self.recipe.phases[opt_phase].optimizer,
+                                           f"phases.{opt_phase}.optimizer", params=s.model.parameters())
+            self._optimizer_phase = opt_phase
+        self._base_lrs = [g["lr"] for g in s.optimizer.param_groups]
+        try:
+            segments = [SCHEDULES.build(spec, f"{path}.schedule.{j}") for j, spec in enumerate(phase.schedule)]
+            self._schedule = compose(segments, s.phase_steps, s.steps_per_epoch)
+        except ValueError as exc:
+            raise ConfigError(f"{path}.schedule", str(exc)) from None
+        self._loss_terms = self._build_losses(i)
+        s.loader = self._loader(i)
+        self._set_train_mode()
+
+    def _build_losses(self, i: int) -> list[LossTerm]:
+        terms, seen = [], {}
+        for j, spec in enumerate(self.recipe.losses(i)):
+            name = spec["name"]
+            seen[name] = seen.get(name, 0) + 1
+            label = name if seen[name] == 1 else f"{name}{seen[name]}"
+            fn = LOSSES.build(spec, f"phases.{i}.losses.{j}", extra_keys=("weight",)).to(self.device)
+            terms.append(LossTerm(label, float(spec.get("weight", 1.0)), fn))
+        return terms
+
+    def _set_train_mode(self) -> None:
+        # Frozen modules stay in eval mode so BatchNorm statistics and dropout stay fixed.
+        self.state.model.train()
+        for m in self._frozen:
+            m.eval()
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        s = self.state
+        run = self._open_run()
+        t_start = time.perf_counter()
+        previous_handlers = self._install_signal_handlers()
+        self.reporter.start(s.step)
+        try:
+            for m in self.hooks["on_fit_start"]:
+                m.on_fit_start(s)
+            resuming = self._resume_from is not None
+            while s.phase_index < len(self.recipe.phases) and s.stop_reason is None:
+                self._enter_phase(s.phase_index)
+                for m in self.hooks["on_phase_start"]:
+                    m.on_phase_start(s)
+                if resuming:
+                    self._restore_state()
+                    resuming = False
+                self._run_phase(run, t_start)
+                if s.stop_reason is not None:
+                    break
+                for m in self.hooks["on_phase_end"]:
+                    m.on_phase_end(s)
+                s.epochs_done += s.epoch_in_phase + s.batch_in_epoch / s.steps_per_epoch
+                s.phase_index, s.step_in_phase, s.epoch_in_phase, s.batch_in_epoch = s.phase_index + 1, 0, 0, 0
+            summary = self._finish(run, t_start)
+        finally:
+            self.reporter.stop()
+            self._restore_signal_handlers(previous_handlers)
+            if run is not None:
+                run.close()
+        return summary
+
+    def _run_phase(self, run, t_start: float) -> None:
+        s, ck = self.state, self.recipe.checkpoint
+        log_every = self.recipe.log.every_steps
+        loss_sum, loss_count, seen, t_log = None, 0, 0, time.perf_counter()
+        while s.step_in_phase < s.phase_steps and s.stop_reason is None:
+            for batch in s.loader.epoch(s.epoch_in_phase, start=s.batch_in_epoch):
+                loss, parts = self._train_step(batch)
+                s.batch_in_epoch += 1
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+                loss_count += 1
+                seen += len(batch["x"])
+                if s.step % log_every == 0:
+                    now = time.perf_counter()
+                    self._log_train(run, loss_sum / loss_count, parts, seen / max(now - t_log, 1e-9))
+                    loss_sum, loss_count, seen, t_log = None, 0, 0, now
+                if ck.every_steps and s.step % ck.every_steps == 0:
+                    self._save_checkpoint(t_start)
+                if self._interrupt is not None:
+                    self._stop_for_signal(run, t_start)
+                if s.step_in_phase >= s.phase_steps:
+                    break
+            if s.batch_in_epoch >= s.steps_per_epoch:
+                s.epoch_in_phase, s.batch_in_epoch = s.epoch_in_phase + 1, 0
+                if s.epoch_in_phase % self.recipe.eval.every_epochs == 0:
+                    self._validate(run)
+                if ck.every_epochs and s.epoch_in_phase % ck.every_epochs == 0:
+                    self._save_checkpoint(t_start)
+        if s.stop_reason is None:
+            if self._last_eval_step != s.step:
+                self._validate(run)
+            if self._last_checkpoint_step != s.step:
+                self._save_checkpoint(t_start)
+
+    def _train_step(self, batch: dict):
+        s = self.state
+        mult = self._schedule(s.step_in_phase)
+        for group, base in zip(s.optimizer.param_groups, self._base_lrs):
+            group["lr"] = base * mult
+        for m in self.hooks["on_batch"]:
+            batch = m.on_batch(s, batch)
+        loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)
+        for m in self.hooks["on_loss"]:
+            loss = m.on_loss(s, loss, parts)
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for m in self.hooks["on_after_backward"]:
+            m.on_after_backward(s)
+        s.optimizer.step()
+        s.step += 1
+        s.step_in_phase += 1
+        for m in self.hooks["on_step_end"]:
+            m.on_step_end(s)
+        return loss.detach(), parts
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def eval_model(self) -> nn.Module:
+        model = self.state.model
+        for m in self.hooks["on_eval_model"]:
+            model = m.on_eval_model(self.state, model)
+        return model
+
+    def evaluate(self, split: str, model: nn.Module | None = None) -> dict[str, float]:
+        """Metrics of `model` (default: the evaluation model) on a split, named `split/metric`."""
+        s = self.state
+        model = model if model is not None else self.eval_model()
+        was_training = s.model.training
+        model.eval()
+        metrics = s.task.evaluate(model, self._eval_loader(split), s.data.info)
+        if was_training:
+            self._set_train_mode()
+        return {f"{split}/{k}": v for k, v in metrics.items()}
+
+    def _validate(self, run) -> None:
+        s = self.state
+        s.eval_model = self.eval_model()
+        metrics = self.evaluate("val", s.eval_model)
+        for m in self.hooks["on_eval_end"]:
+            m.on_eval_end(s, metrics)
+        self._last_eval_step = s.step
+        entry = {"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics}
+        if run is not None:
+            run.write(entry)
+        self.reporter.epoch_line({**entry, **self._last_train})
+
+    def _log_train(self, run, loss: torch.Tensor, parts: dict, samples_per_sec: float) -> None:
+        s = self.state
+        entry = {"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, "train/loss": loss.item()}
+        for name, value in parts.items():
+            if len(parts) > 1:
+                entry[f"train/loss/{name}"] = value.item()
+        for k, v in s.step_logs.items():
+            entry[k] = v.item() if isinstance(v, torch.Tensor) else v
+        for i, group in enumerate(s.optimizer.param_groups):
+            entry[f"lr/group{i}"] = group["lr"]
+        entry["train/samples_per_sec"] = round(samples_per_sec, 1)
+        self._last_train = {"train/loss": entry["train/loss"]}
+        if run is not None:
+            run.write(entry)
+        self.reporter.update(s.step, s.phase_name, s.epoch, entry["train/loss"], entry["lr/group0"],
+                             samples_per_sec)
+
+    def final_model(self) -> nn.Module:
+        model = self.eval_model()
+        for m in self.hooks["on_fit_end"]:
+            model = m.on_fit_end(self.state, model)
+        return model
+
+    def _finish(self, run, t_start: float) -> dict:
+        s = self.state
+        if s.stop_reason:
+            self.reporter.message(s.stop_reason)
+        model = self.final_model()
+        metrics = {**self.evaluate("val", model), **self.evaluate("test", model)}
+        wall = self._wall_before + time.perf_counter() - t_start
+        summary = {"recipe": self.recipe.name, "status": "finished", "metrics": metrics, "steps": s.step,
+                   "epochs": round(s.epoch, 4), "wall_seconds": round(wall, 3), "stop_reason": s.stop_reason}
+        if self.run_dir is not None:
+            final = self.run_dir / "checkpoints" / "final"
+            final.mkdir(parents=True, exist_ok=True)
+            save_weights(model, final / "model.safetensors")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            run.write({"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics})
+        self.reporter.stop()
+        self.reporter.table(metrics, f"{self.recipe.name}: final metrics")
+        return summary
+
+    # -- run directory, checkpoints, resume ----------------------------------------------------------
+
+    def _open_run(self) -> MetricsFile | None:
+        if self.run_dir is None:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
+        (self.run_dir / "data_info.json").write_text(json.dumps(self.state.data.info.to_dict(), indent=2) + "\n")
+        resume_step = self._resume_from[1]["step"] if self._resume_from else None
+        return MetricsFile(self.run_dir / "metrics.jsonl", truncate_after_step=resume_step)
+
+    def _checkpoint_state(self, t_start: float) -> dict:
+        s = self.state
+        return {"format": CHECKPOINT_FORMAT, "recipe": self.recipe.to_yaml(), "step": s.step,
+                "phase_index": s.phase_index, "step_in_phase": s.step_in_phase,
+                "epoch_in_phase": s.epoch_in_phase, "batch_in_epoch": s.batch_in_epoch,
+                "epochs_done": s.epochs_done, "optimizer_phase": self._optimizer_phase,
+                "optimizer": s.optimizer.state_dict(), "methods": [m.state_dict() for m in self.methods],
+                "rng": _rng_state(), "last_eval_step": self._last_eval_step,
+                "wall_seconds": self._wall_before + time.perf_counter() - t_start}
+
+    def _save_checkpoint(self, t_start: float) -> None:
+        if self.run_dir is None:
+            return
+        save_checkpoint(self.run_dir / "checkpoints", f"step-{self.state.step:08d}", self.state.model,
+                        self._checkpoint_state(t_start), self.recipe.checkpoint.keep_last)
+        self._last_checkpoint_step = self.state.step
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Prepare to continue from a checkpoint folder; `fit()` then resumes there."""
+        weights, state = load_checkpoint(path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise DojoError(f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+        self.state.model.load_state_dict(weights)
+        s = self.state
+        s.phase_index, s.step = state["phase_index"], state["step"]
+        self._resume_from = (weights, state)
+        self._wall_before = state["wall_seconds"]
+        self._last_eval_step = state["last_eval_step"]
+        self._last_checkpoint_step = state["step"]
+
+    def _restore_state(self) -> None:
+        """Called inside `fit` once the resumed phase's optimizer and loader exist."""
+        _, state = self._resume_from
+        s = self.state
+        s.step_in_phase, s.epoch_in_phase = state["step_in_phase"], state["epoch_in_phase"]
+        s.batch_in_epoch, s.epochs_done = state["batch_in_epoch"], state["epochs_done"]
+        s.optimizer.load_state_dict(state["optimizer"])
+        for m, sd in zip(self.methods, state["methods"]):
+            m.load_state_dict(sd)
+        _set_rng_state(state["rng"])
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, quiet: bool = False, checkpoint: Path | None = None) -> "Trainer":
+        """Rebuild a run from its directory and load its latest (or the given) checkpoint."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "recipe.yaml").is_file():
+            raise DojoError(f"{run_dir} is not a run directory (no recipe.yaml)")
+        from .recipe import parse_yaml
+        recipe = load_recipe(parse_yaml((run_dir / "recipe.yaml").read_text(), str(run_dir / "recipe.yaml")))
+        trainer = cls(recipe, run_dir, quiet=quiet)
+        path = checkpoint or (list_checkpoints(run_dir / "checkpoints") or [None])[-1]
+        if path is not None:
+            trainer.load_checkpoint(path)
+        return trainer
+
+    # -- signals -----------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._interrupt = signum
+        try:
+            return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:   # not in the main thread: leave signals alone
+            return {}
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+    def _stop_for_signal(self, run, t_start: float) -> None:
+        self._save_checkpoint(t_start)
+        if self.run_dir is not None:
+            summary = {"recipe": self.recipe.name, "status": "interrupted", "steps": self.state.step,
+                       "metrics": {}, "wall_seconds": round(self._wall_before + time.perf_counter() - t_start, 3)}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        code = 130 if self._interrupt == signal.SIGINT else 143
+        raise Interrupted(code, self.run_dir)
+
+
+def default_run_dir(recipe: Recipe, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(recipe: Recipe | str | dict, run_dir: str | Path | None = None, overrides: list[str] = (),
+          quiet: bool = True) -> dict:
+    """Python API: train a recipe (object, file, built-in name or mapping) and return its summary."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, list(overrides))
+    return Trainer(recipe, run_dir, quiet=quiet).fit()
