@@ -209,7 +209,13 @@ def _structure_error(exc: pydantic.ValidationError) -> ConfigError:
         parent = _model_at(Recipe, loc[:-1])
         valid = list(parent.model_fields) if parent else []
         key = str(loc[-1])
-        return ConfigError(path, f"unknown key '{key}'{did_you_mean(key, valid)}; valid keys: {choices_text(valid)}")
+        hint = did_you_mean(key, valid)
+        if len(loc) == 1 and not hint:
+            # A phase key written at the top level (e.g. `optimizer:`) belongs inside a phase.
+            phase_hint = did_you_mean(key, PhaseSpec.model_fields)
+            if phase_hint:
+                hint = phase_hint[:-2] + ", which is set per phase under phases.N?)"
+        return ConfigError(path, f"unknown key '{key}'{hint}; valid keys: {choices_text(valid)}")
     if err["type"] == "missing":
         return ConfigError(path, "required key is missing")
     return ConfigError(path, f"{err['msg']} (got {err.get('input')!r})")
@@ -230,6 +236,8 @@ def validate_recipe(raw: dict) -> Recipe:
     split_keys = ("val_fraction", "test_fraction", "split_seed", "standardize")
     data = component(DATASETS, recipe.data.model_dump(), "data", split_keys)
     recipe.data = DataSpec.model_validate(data)
+    if "path" in data and not Path(str(data["path"])).expanduser().is_file():
+        raise ConfigError("data.path", f"file not found: {data['path']}")
     recipe.model = component(MODELS, recipe.model, "model")
     recipe.task = component(TASKS, recipe.task, "task")
     recipe.methods = [component(METHODS, m, f"methods.{i}") for i, m in enumerate(recipe.methods)]

@@ -99,7 +99,8 @@ class Registry:
         try:
             validated = schema.model_validate(options)
         except pydantic.ValidationError as exc:
-            raise _first_error(exc, path, list(schema.model_fields), f"{self.kind} '{entry.name}'") from None
+            valid = list(schema.model_fields) + list(extra_keys)
+            raise _first_error(exc, path, valid, f"{self.kind} '{entry.name}'") from None
         return validated.model_dump()
 
     def build(self, spec: dict, path: str = "", extra_keys: tuple[str, ...] = (), **injected):
