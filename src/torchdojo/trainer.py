@@ -175,7 +175,11 @@ class Trainer:
             s.optimizer = OPTIMIZERS.build(self.recipe.phases[opt_phase].optimizer,
                                            f"phases.{opt_phase}.optimizer", params=s.model.parameters())
             self._optimizer_phase = opt_phase
-        self._base_lrs = [g["lr"] for g in s.optimizer.param_groups]
+            # The schedule scales `initial_lr` (torch's own key for the base LR, kept in state_dict),
+            # so a carried-over optimizer restarts its new schedule from the base LR.
+            for group in s.optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+        self._base_lrs = [g["initial_lr"] for g in s.optimizer.param_groups]
         try:
             segments = [SCHEDULES.build(spec, f"{path}.schedule.{j}") for j, spec in enumerate(phase.schedule)]
             self._schedule = compose(segments, s.phase_steps, s.steps_per_epoch)
