@@ -55,7 +55,7 @@ def train(recipe, overrides, run_dir, quiet):
     \b
     Examples:
       dojo train quickstart
-      dojo train quickstart phases.main.epochs=5 optimizer.lr=1e-3
+      dojo train quickstart phases.main.epochs=5 phases.main.optimizer.lr=1e-3
       dojo train my.yaml seed=3 --run-dir runs/try3
     The run directory gets recipe.yaml, metrics.jsonl, summary.json and checkpoints/."""
     from .recipe import load_recipe
@@ -158,21 +158,21 @@ def predict(run_dir, input_path, output_path):
 def _read_inputs(path: str, info):
     import numpy as np
 
-    from .data.files import DataError, numeric_matrix, read_csv_columns
+    from .data.files import DataError, numeric_matrix, read_csv
 
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f.files:
                 raise DataError(f"{path}: no array 'x' (found: {', '.join(f.files)})")
             return f["x"]
-    columns = read_csv_columns(path)
+    table = read_csv(path)
     names = info.feature_names
-    if names and all(n in columns for n in names):
-        return numeric_matrix(columns, names, path)
+    if names and all(n in table.columns for n in names):
+        return numeric_matrix(table, names)
     if names:
-        missing = [n for n in names if n not in columns]
+        missing = [n for n in names if n not in table.columns]
         raise DataError(f"{path}: missing feature column(s) used in training: {', '.join(missing[:5])}")
-    return numeric_matrix(columns, list(columns), path)
+    return numeric_matrix(table, list(table.columns))
 
 
 @main.command()

@@ -118,7 +118,10 @@ def parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise DojoError(f"{where}: invalid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DojoError(f"{where}{at}: invalid YAML: {problem}") from None
 
 
 def builtin_recipes() -> dict[str, Path]:

@@ -46,7 +46,8 @@ class DataInfo:
         if not np.all(np.isfinite(x)):
             raise DojoError("inputs contain NaN or infinite values")
         if self.x_mean is not None:
-            x = (x - np.asarray(self.x_mean, np.float32)) / np.asarray(self.x_std, np.float32)
+            shape = tuple(self.input_shape)
+            x = (x - np.asarray(self.x_mean, np.float32).reshape(shape)) / np.asarray(self.x_std, np.float32).reshape(shape)
         return torch.from_numpy(np.ascontiguousarray(x))
 
     def target_to_original(self, y: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,10 @@ def _split_indices(y: np.ndarray, fraction: float, seed: int, stratify: bool, wh
 
 def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int,
                 standardize: bool | None = None) -> DataBundle:
-    """Stratified (for classes) train/val/test split, standardisation fitted on train only."""
+    """Stratified (for classes) train/val/test split, standardisation fitted on train only.
+
+    Both fractions are shares of the whole dataset; with a dataset's own test set, `val_fraction` is a
+    share of its training rows."""
     classify = raw.task_type == "classification"
     if len(raw.x) == 0:
         raise DojoError("data: the dataset is empty")
@@ -112,6 +116,11 @@ def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed
     else:
         keep, test_idx = _split_indices(y, test_fraction, seed, classify, "test")
         x, y, x_test, y_test = x[keep], y[keep], x[test_idx], y[test_idx]
+    if raw.x_test is None:
+        if val_fraction + test_fraction >= 1:
+            raise DojoError(f"data: val_fraction + test_fraction = {val_fraction + test_fraction} leaves no "
+                            "training data")
+        val_fraction = val_fraction / (1 - test_fraction)   # both fractions are shares of the whole set
     keep, val_idx = _split_indices(y, val_fraction, seed + 1, classify, "val")
     x_train, y_train, x_val, y_val = x[keep], y[keep], x[val_idx], y[val_idx]
 

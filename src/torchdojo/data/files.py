@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv as _csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,32 +35,43 @@ def _to_float(text: str) -> float:
         return math.nan if text.strip() == "" else None  # type: ignore[return-value]
 
 
-def read_csv_columns(path: str) -> dict[str, list[str]]:
+@dataclass
+class CsvTable:
+    path: str
+    columns: dict[str, list[str]]   # column name -> cell texts, in row order
+    lines: list[int]                 # each data row's physical line number, for error messages
+
+
+def read_csv(path: str) -> CsvTable:
     p = _existing(path)
     with p.open(newline="") as fh:
-        rows = list(_csv.reader(fh))
+        reader = _csv.reader(fh)
+        # Keep each row's physical line number (the line it ends on) for error messages.
+        rows = [(r, reader.line_num) for r in reader if r]
     if not rows:
         raise DataError(f"{path}: the file is empty")
-    header, body = rows[0], [r for r in rows[1:] if r]
+    header, body = rows[0][0], rows[1:]
     if len(set(header)) != len(header):
         raise DataError(f"{path}: duplicate column names in the header")
-    for i, r in enumerate(body, start=2):
+    for r, line in body:
         if len(r) != len(header):
-            raise DataError(f"{path}, line {i}: {len(r)} fields, expected {len(header)} as in the header")
+            raise DataError(f"{path}, line {line}: {len(r)} fields, expected {len(header)} as in the header")
     if not body:
         raise DataError(f"{path}: no data rows after the header")
-    return {name: [r[j] for r in body] for j, name in enumerate(header)}
+    return CsvTable(path, {name: [r[j] for r, _ in body] for j, name in enumerate(header)},
+                    [line for _, line in body])
 
 
-def numeric_matrix(columns: dict[str, list[str]], names: list[str], path: str) -> np.ndarray:
-    """Parse the named columns as floats; a non-number or empty cell is an error naming row and column."""
-    out = np.empty((len(columns[names[0]]), len(names)), dtype=np.float32)
+def numeric_matrix(table: CsvTable, names: list[str]) -> np.ndarray:
+    """Parse the named columns as floats; a non-number or empty cell is an error naming line and column."""
+    out = np.empty((len(table.lines), len(names)), dtype=np.float32)
+    path = table.path
     for j, name in enumerate(names):
-        for i, text in enumerate(columns[name]):
+        for i, text in enumerate(table.columns[name]):
             value = _to_float(text)
             if value is None or not math.isfinite(value):
                 what = "missing value" if value is not None and math.isnan(value) else f"value {text!r}"
-                raise DataError(f"{path}, line {i + 2}, column '{name}': {what} is not a finite number")
+                raise DataError(f"{path}, line {table.lines[i]}, column '{name}': {what} is not a finite number")
             out[i, j] = value
     return out
 
@@ -99,7 +111,8 @@ def csv(path: str, target: str, features: list[str] | None = None, drop_non_nume
     `features` picks columns (default: every other column). A non-numeric column is an error unless
     `drop_non_numeric: true`. Labels may be strings; `task_type: auto` decides classification vs
     regression from the target's values."""
-    columns = read_csv_columns(path)
+    table = read_csv(path)
+    columns = table.columns
     if target not in columns:
         raise DataError(f"{path}: no target column '{target}'{did_you_mean(target, columns)}; "
                         f"columns: {', '.join(columns)}")
@@ -115,7 +128,7 @@ def csv(path: str, target: str, features: list[str] | None = None, drop_non_nume
                         "remove them, list the numeric ones in `features`, or set `drop_non_numeric: true`")
     if not names:
         raise DataError(f"{path}: no numeric feature columns left")
-    x = numeric_matrix(columns, names, path)
+    x = numeric_matrix(table, names)
     y, kind, classes = _labels(columns[target], task_type, path, target)
     return RawDataset(x, y, kind, "tabular", class_names=classes, feature_names=list(names))
 
@@ -137,6 +150,9 @@ def npz(path: str, task_type: TaskType = "auto") -> RawDataset:
     _check_pair(x, y, path, "x", "y")
     if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
         raise DataError(f"{path}: array 'x' must be numeric and finite (NaN or inf found)")
+    for name in ("y", "y_test"):
+        if name in arrays and (not np.issubdtype(arrays[name].dtype, np.number) or not np.all(np.isfinite(arrays[name]))):
+            raise DataError(f"{path}: array '{name}' must be numeric and finite (NaN or inf found)")
     kind = {2: "tabular", 3: "sequence", 4: "image"}[x.ndim]
     if task_type == "auto":
         integral = np.issubdtype(y.dtype, np.integer) or (np.all(np.isfinite(y)) and np.all(y == np.round(y)))

@@ -27,7 +27,7 @@ class CNN1d(nn.Module):
         c, length = input_shape
         blocks: list[nn.Module] = []
         for out in config.channels:
-            blocks += [nn.Conv1d(c, out, config.kernel_size, padding=config.kernel_size // 2,
+            blocks += [nn.Conv1d(c, out, config.kernel_size, padding="same",
                                  bias=not config.batch_norm)]
             blocks += [nn.BatchNorm1d(out)] if config.batch_norm else []
             blocks += [nn.ReLU()]
