@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def resume(run_dir, quiet):
     """Continue an interrupted run from its last checkpoint."""
     from .trainer import Trainer
 
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
+        raise DojoError(f"{run_dir} has already finished; nothing to resume (see `dojo eval {run_dir}`)")
     trainer = Trainer.from_run_dir(run_dir, quiet=quiet)
     if trainer._resume_from is None:
         raise DojoError(f"{run_dir} has no checkpoint to resume from")

@@ -16,18 +16,21 @@ from rich.table import Table
 class MetricsFile:
     """Appends one JSON object per line; each line is flushed so a crash loses nothing logged."""
 
-    def __init__(self, path: Path, truncate_after_step: int | None = None):
+    def __init__(self, path: Path, keep_lines: int | None = None):
+        """`keep_lines`: on resume, keep only the lines written before the checkpoint (a checkpoint
+        records how many there were); the rest will be produced again."""
         self.path = path
-        if truncate_after_step is not None and path.exists():
-            # On resume, drop entries logged after the checkpoint: they will be produced again.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        if keep_lines is not None:
+            lines = lines[:keep_lines]
+            path.write_text("".join(line + "\n" for line in lines))
+        self.lines = len(lines)
         self._fh = path.open("a")
 
     def write(self, entry: dict) -> None:
         self._fh.write(json.dumps(entry, allow_nan=True) + "\n")
         self._fh.flush()
+        self.lines += 1
 
     def close(self) -> None:
         self._fh.close()

@@ -109,6 +109,34 @@ def frozen_modules(model: nn.Module, patterns: list[str], path: str) -> list[nn.
     return found
 
 
+class LossMeter:
+    """Running mean of the training loss between log points. Saved in checkpoints, so a resumed run
+    logs the same means as an uninterrupted one."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self.samples, self.since = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.total = loss if self.total is None else self.total + loss
+        self.count += 1
+        self.samples += samples
+
+    def take(self) -> tuple[torch.Tensor, float]:
+        """(mean loss, samples/s) since the last take; resets the meter."""
+        now = time.perf_counter()
+        mean, speed = self.total / self.count, self.samples / max(now - self.since, 1e-9)
+        self.total, self.count, self.samples, self.since = None, 0, 0, now
+        return mean, speed
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.count = state["total"], state["count"]
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, quiet: bool = False,
                  reporter: Reporter | None = None):
@@ -138,9 +166,11 @@ class Trainer:
         self._resume_from: tuple[dict, dict] | None = None
         self._wall_before = 0.0
         self._last_eval_step = -1
-        self._last_checkpoint_step = -1
+        self._last_checkpoint_lines = -1    # metrics.jsonl lines covered by the last checkpoint
         self._interrupt: int | None = None
         self._last_train: dict = {}
+        self._meter = LossMeter()
+        self._run: MetricsFile | None = None
 
     # -- building pieces -------------------------------------------------------------------------
 
@@ -209,7 +239,7 @@ class Trainer:
 
     def fit(self) -> dict:
         s = self.state
-        run = self._open_run()
+        self._run = self._open_run()
         t_start = time.perf_counter()
         previous_handlers = self._install_signal_handlers()
         self.reporter.start(s.step)
@@ -224,52 +254,50 @@ class Trainer:
                 if resuming:
                     self._restore_state()
                     resuming = False
-                self._run_phase(run, t_start)
+                self._run_phase(t_start)
                 if s.stop_reason is not None:
                     break
                 for m in self.hooks["on_phase_end"]:
                     m.on_phase_end(s)
                 s.epochs_done += s.epoch_in_phase + s.batch_in_epoch / s.steps_per_epoch
                 s.phase_index, s.step_in_phase, s.epoch_in_phase, s.batch_in_epoch = s.phase_index + 1, 0, 0, 0
-            summary = self._finish(run, t_start)
+            summary = self._finish(t_start)
         finally:
             self.reporter.stop()
             self._restore_signal_handlers(previous_handlers)
-            if run is not None:
-                run.close()
+            if self._run is not None:
+                self._run.close()
         return summary
 
-    def _run_phase(self, run, t_start: float) -> None:
+    def _run_phase(self, t_start: float) -> None:
         s, ck = self.state, self.recipe.checkpoint
         log_every = self.recipe.log.every_steps
-        loss_sum, loss_count, seen, t_log = None, 0, 0, time.perf_counter()
+        parts: dict = {}
         while s.step_in_phase < s.phase_steps and s.stop_reason is None:
             for batch in s.loader.epoch(s.epoch_in_phase, start=s.batch_in_epoch):
                 loss, parts = self._train_step(batch)
                 s.batch_in_epoch += 1
-                loss_sum = loss if loss_sum is None else loss_sum + loss
-                loss_count += 1
-                seen += len(batch["x"])
+                self._meter.add(loss, len(batch["x"]))
                 if s.step % log_every == 0:
-                    now = time.perf_counter()
-                    self._log_train(run, loss_sum / loss_count, parts, seen / max(now - t_log, 1e-9))
-                    loss_sum, loss_count, seen, t_log = None, 0, 0, now
+                    self._log_train(parts)
                 if ck.every_steps and s.step % ck.every_steps == 0:
                     self._save_checkpoint(t_start)
                 if self._interrupt is not None:
-                    self._stop_for_signal(run, t_start)
+                    self._stop_for_signal(t_start)
                 if s.step_in_phase >= s.phase_steps:
                     break
             if s.batch_in_epoch >= s.steps_per_epoch:
                 s.epoch_in_phase, s.batch_in_epoch = s.epoch_in_phase + 1, 0
                 if s.epoch_in_phase % self.recipe.eval.every_epochs == 0:
-                    self._validate(run)
+                    self._validate()
                 if ck.every_epochs and s.epoch_in_phase % ck.every_epochs == 0:
                     self._save_checkpoint(t_start)
         if s.stop_reason is None:
+            if self._meter.count:           # the phase's last steps since a log point
+                self._log_train(parts)
             if self._last_eval_step != s.step:
-                self._validate(run)
-            if self._last_checkpoint_step != s.step:
+                self._validate()
+            if self._last_checkpoint_lines != self._lines_logged():
                 self._save_checkpoint(t_start)
 
     def _train_step(self, batch: dict):
@@ -312,7 +340,7 @@ class Trainer:
             self._set_train_mode()
         return {f"{split}/{k}": v for k, v in metrics.items()}
 
-    def _validate(self, run) -> None:
+    def _validate(self) -> None:
         s = self.state
         s.eval_model = self.eval_model()
         metrics = self.evaluate("val", s.eval_model)
@@ -320,12 +348,13 @@ class Trainer:
             m.on_eval_end(s, metrics)
         self._last_eval_step = s.step
         entry = {"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics}
-        if run is not None:
-            run.write(entry)
+        if self._run is not None:
+            self._run.write(entry)
         self.reporter.epoch_line({**entry, **self._last_train})
 
-    def _log_train(self, run, loss: torch.Tensor, parts: dict, samples_per_sec: float) -> None:
+    def _log_train(self, parts: dict) -> None:
         s = self.state
+        loss, samples_per_sec = self._meter.take()
         entry = {"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, "train/loss": loss.item()}
         for name, value in parts.items():
             if len(parts) > 1:
@@ -336,8 +365,8 @@ class Trainer:
             entry[f"lr/group{i}"] = group["lr"]
         entry["train/samples_per_sec"] = round(samples_per_sec, 1)
         self._last_train = {"train/loss": entry["train/loss"]}
-        if run is not None:
-            run.write(entry)
+        if self._run is not None:
+            self._run.write(entry)
         self.reporter.update(s.step, s.phase_name, s.epoch, entry["train/loss"], entry["lr/group0"],
                              samples_per_sec)
 
@@ -347,7 +376,7 @@ class Trainer:
             model = m.on_fit_end(self.state, model)
         return model
 
-    def _finish(self, run, t_start: float) -> dict:
+    def _finish(self, t_start: float) -> dict:
         s = self.state
         if s.stop_reason:
             self.reporter.message(s.stop_reason)
@@ -361,7 +390,7 @@ class Trainer:
             final.mkdir(parents=True, exist_ok=True)
             save_weights(model, final / "model.safetensors")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            run.write({"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics})
+            self._run.write({"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics})
         self.reporter.stop()
         self.reporter.table(metrics, f"{self.recipe.name}: final metrics")
         return summary
@@ -374,8 +403,11 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
         (self.run_dir / "data_info.json").write_text(json.dumps(self.state.data.info.to_dict(), indent=2) + "\n")
-        resume_step = self._resume_from[1]["step"] if self._resume_from else None
-        return MetricsFile(self.run_dir / "metrics.jsonl", truncate_after_step=resume_step)
+        keep = self._resume_from[1]["metrics_lines"] if self._resume_from else None
+        return MetricsFile(self.run_dir / "metrics.jsonl", keep_lines=keep)
+
+    def _lines_logged(self) -> int:
+        return self._run.lines if self._run is not None else 0
 
     def _checkpoint_state(self, t_start: float) -> dict:
         s = self.state
@@ -385,6 +417,7 @@ class Trainer:
                 "epochs_done": s.epochs_done, "optimizer_phase": self._optimizer_phase,
                 "optimizer": s.optimizer.state_dict(), "methods": [m.state_dict() for m in self.methods],
                 "rng": _rng_state(), "last_eval_step": self._last_eval_step,
+                "loss_meter": self._meter.state_dict(), "metrics_lines": self._lines_logged(),
                 "wall_seconds": self._wall_before + time.perf_counter() - t_start}
 
     def _save_checkpoint(self, t_start: float) -> None:
@@ -392,7 +425,7 @@ class Trainer:
             return
         save_checkpoint(self.run_dir / "checkpoints", f"step-{self.state.step:08d}", self.state.model,
                         self._checkpoint_state(t_start), self.recipe.checkpoint.keep_last)
-        self._last_checkpoint_step = self.state.step
+        self._last_checkpoint_lines = self._lines_logged()
 
     def load_checkpoint(self, path: Path) -> None:
         """Prepare to continue from a checkpoint folder; `fit()` then resumes there."""
@@ -405,7 +438,7 @@ class Trainer:
         self._resume_from = (weights, state)
         self._wall_before = state["wall_seconds"]
         self._last_eval_step = state["last_eval_step"]
-        self._last_checkpoint_step = state["step"]
+        self._last_checkpoint_lines = state["metrics_lines"]
 
     def _restore_state(self) -> None:
         """Called inside `fit` once the resumed phase's optimizer and loader exist."""
@@ -414,6 +447,7 @@ class Trainer:
         s.step_in_phase, s.epoch_in_phase = state["step_in_phase"], state["epoch_in_phase"]
         s.batch_in_epoch, s.epochs_done = state["batch_in_epoch"], state["epochs_done"]
         s.optimizer.load_state_dict(state["optimizer"])
+        self._meter.load_state_dict(state["loss_meter"])
         for m, sd in zip(self.methods, state["methods"]):
             m.load_state_dict(sd)
         _set_rng_state(state["rng"])
@@ -447,7 +481,7 @@ class Trainer:
         for sig, h in previous.items():
             signal.signal(sig, h)
 
-    def _stop_for_signal(self, run, t_start: float) -> None:
+    def _stop_for_signal(self, t_start: float) -> None:
         self._save_checkpoint(t_start)
         if self.run_dir is not None:
             summary = {"recipe": self.recipe.name, "status": "interrupted", "steps": self.state.step,
