@@ -24,8 +24,8 @@ def _fsync(path: Path) -> None:
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    # safetensors refuses shared or non-contiguous storage; state_dict tensors are cloned to be safe.
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(path))
+    # safetensors needs contiguous tensors; it writes them out without keeping references.
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 def save_checkpoint(folder: Path, name: str, model: torch.nn.Module, state: dict, keep_last: int) -> Path:

@@ -170,6 +170,8 @@ class Trainer:
         self._interrupt: int | None = None
         self._last_train: dict = {}
         self._meter = LossMeter()
+        self._recipe_yaml = recipe.to_yaml()     # saved in every checkpoint; serialised once
+        self._last_val: dict = {}
         self._run: MetricsFile | None = None
 
     # -- building pieces -------------------------------------------------------------------------
@@ -346,7 +348,7 @@ class Trainer:
         metrics = self.evaluate("val", s.eval_model)
         for m in self.hooks["on_eval_end"]:
             m.on_eval_end(s, metrics)
-        self._last_eval_step = s.step
+        self._last_eval_step, self._last_val = s.step, metrics
         entry = {"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics}
         if self._run is not None:
             self._run.write(entry)
@@ -381,7 +383,10 @@ class Trainer:
         if s.stop_reason:
             self.reporter.message(s.stop_reason)
         model = self.final_model()
-        metrics = {**self.evaluate("val", model), **self.evaluate("test", model)}
+        # The last validation already measured this model unless a method replaced it at the end.
+        same_model = not self.hooks["on_fit_end"] and self._last_eval_step == s.step and self._last_val
+        val = self._last_val if same_model else self.evaluate("val", model)
+        metrics = {**val, **self.evaluate("test", model)}
         wall = self._wall_before + time.perf_counter() - t_start
         summary = {"recipe": self.recipe.name, "status": "finished", "metrics": metrics, "steps": s.step,
                    "epochs": round(s.epoch, 4), "wall_seconds": round(wall, 3), "stop_reason": s.stop_reason}
@@ -401,7 +406,7 @@ class Trainer:
         if self.run_dir is None:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
+        (self.run_dir / "recipe.yaml").write_text(self._recipe_yaml)
         (self.run_dir / "data_info.json").write_text(json.dumps(self.state.data.info.to_dict(), indent=2) + "\n")
         keep = self._resume_from[1]["metrics_lines"] if self._resume_from else None
         return MetricsFile(self.run_dir / "metrics.jsonl", keep_lines=keep)
@@ -411,7 +416,7 @@ class Trainer:
 
     def _checkpoint_state(self, t_start: float) -> dict:
         s = self.state
-        return {"format": CHECKPOINT_FORMAT, "recipe": self.recipe.to_yaml(), "step": s.step,
+        return {"format": CHECKPOINT_FORMAT, "recipe": self._recipe_yaml, "step": s.step,
                 "phase_index": s.phase_index, "step_in_phase": s.step_in_phase,
                 "epoch_in_phase": s.epoch_in_phase, "batch_in_epoch": s.batch_in_epoch,
                 "epochs_done": s.epochs_done, "optimizer_phase": self._optimizer_phase,
