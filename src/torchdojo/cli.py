@@ -84,7 +84,7 @@ def resume(run_dir, quiet):
     if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
         raise DojoError(f"{run_dir} has already finished; nothing to resume (see `dojo eval {run_dir}`)")
     trainer = Trainer.from_run_dir(run_dir, quiet=quiet)
-    if trainer._resume_from is None:
+    if trainer.checkpoint_step is None:
         raise DojoError(f"{run_dir} has no checkpoint to resume from")
     if not quiet:
         click.echo(f"resuming {run_dir} at step {trainer.state.step} of {trainer.total_steps}")
@@ -93,23 +93,9 @@ def resume(run_dir, quiet):
 
 def _load_for_inference(run_dir: str):
     from .trainer import Trainer
-    from .checkpoint import WEIGHTS
-    from safetensors.torch import load_file
 
     trainer = Trainer.from_run_dir(run_dir, quiet=True)
-    final = Path(run_dir) / "checkpoints" / "final" / WEIGHTS
-    if final.is_file():
-        model = trainer.state.model
-        model.load_state_dict(load_file(str(final)))
-    else:
-        if trainer._resume_from is None:
-            raise DojoError(f"{run_dir} has neither a final model nor a checkpoint")
-        for m in trainer.hooks["on_fit_start"]:
-            m.on_fit_start(trainer.state)
-        for m, sd in zip(trainer.methods, trainer._resume_from[1]["methods"]):
-            m.load_state_dict(sd)
-        model = trainer.final_model()
-    return trainer, model.eval()
+    return trainer, trainer.trained_model()
 
 
 @main.command("eval")

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, list_checkpoints, save_checkpoint, save_weights
+from safetensors.torch import load_file
+
+from .checkpoint import WEIGHTS, list_checkpoints, load_checkpoint, save_checkpoint, save_weights
 from .data import DataBundle, TensorLoader, load_data
 from .errors import ConfigError, DojoError, choices_text
 from .log import MetricsFile, Reporter
@@ -393,7 +395,7 @@ class Trainer:
         if self.run_dir is not None:
             final = self.run_dir / "checkpoints" / "final"
             final.mkdir(parents=True, exist_ok=True)
-            save_weights(model, final / "model.safetensors")
+            save_weights(model, final / WEIGHTS)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self._run.write({"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics})
         self.reporter.stop()
@@ -444,6 +446,26 @@ class Trainer:
         self._wall_before = state["wall_seconds"]
         self._last_eval_step = state["last_eval_step"]
         self._last_checkpoint_lines = state["metrics_lines"]
+
+    @property
+    def checkpoint_step(self) -> int | None:
+        """The step of the checkpoint loaded to resume from, if any."""
+        return self._resume_from[1]["step"] if self._resume_from is not None else None
+
+    def trained_model(self) -> nn.Module:
+        """For eval/predict: a finished run's final weights, else the latest checkpoint's final model
+        (with the methods' state, e.g. EMA weights), in eval mode."""
+        final = self.run_dir / "checkpoints" / "final" / WEIGHTS if self.run_dir else None
+        if final is not None and final.is_file():
+            self.state.model.load_state_dict(load_file(str(final)))
+            return self.state.model.eval()
+        if self._resume_from is None:
+            raise DojoError(f"{self.run_dir} has neither a final model nor a checkpoint")
+        for m in self.hooks["on_fit_start"]:
+            m.on_fit_start(self.state)
+        for m, sd in zip(self.methods, self._resume_from[1]["methods"]):
+            m.load_state_dict(sd)
+        return self.final_model().eval()
 
     def _restore_state(self) -> None:
         """Called inside `fit` once the resumed phase's optimizer and loader exist."""
