@@ -161,7 +161,7 @@ def test_ema_method_final_model_is_the_average(tmp_path, decay, every_steps, sta
             assert torch.equal(final[k], expected[k]), k
     raw = probe.weight_log[-1]
     assert not torch.allclose(final["head.weight"], raw["head.weight"], atol=1e-4)
-    assert "body.2.running_mean" in final                  # BatchNorm statistics are averaged too
+    assert "body.1.1.running_mean" in final                  # BatchNorm statistics are averaged too
 
     # Val and test metrics in the summary are those of the averaged weights, not the raw ones.
     averaged_model = copy.deepcopy(trainer.state.model)

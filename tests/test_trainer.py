@@ -253,32 +253,32 @@ def test_phase_name_in_every_metrics_entry(phased_run):
 def test_freeze_keeps_params_and_batchnorm_stats_and_eval_mode(tmp_path):
     r = make_tiny_recipe()
     r["model"] = {"name": "mlp", "hidden": [16, 16], "batch_norm": True}
-    # body: 0 Flatten, 1 Linear, 2 BatchNorm1d, 3 ReLU, 4 Linear, 5 BatchNorm1d, 6 ReLU; then head.
+    # body: 0 Flatten, 1 (Linear, BatchNorm1d, ReLU), 2 (Linear, BatchNorm1d, ReLU); then head.
     r["phases"] = [
         {"name": "frozen", "steps": 6, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 0.05},
-         "freeze": ["body.[0-3]"]},
+         "freeze": ["body.1"]},
         {"name": "thawed", "steps": 4},
     ]
     r["methods"] = [{"name": PROBE}]
     trainer, _ = fit(r, tmp_path / "run")
     probe = probe_of(trainer)
     before, after = probe.phase_starts[0]["model"], probe.phase_ends[0]["model"]
-    frozen = [k for k in before if k.startswith(("body.1.", "body.2."))]
-    assert {"body.2.running_mean", "body.2.running_var", "body.2.num_batches_tracked", "body.1.weight"} <= set(frozen)
+    frozen = [k for k in before if k.startswith(("body.1.0.", "body.1.1."))]
+    assert {"body.1.1.running_mean", "body.1.1.running_var", "body.1.1.num_batches_tracked", "body.1.0.weight"} <= set(frozen)
     for k in frozen:
         assert torch.equal(before[k], after[k]), f"frozen {k} changed"
-    for k in ("body.4.weight", "body.5.weight", "body.5.running_mean", "body.5.running_var", "head.weight"):
+    for k in ("body.2.0.weight", "body.2.1.weight", "body.2.1.running_mean", "body.2.1.running_var", "head.weight"):
         assert not torch.equal(before[k], after[k]), f"trainable {k} did not change"
     for b in probe.batches:
         if b["phase"] == "frozen":
-            assert not b["modes"]["body.1"] and not b["modes"]["body.2"]
-            assert b["modes"]["body.5"] and b["modes"]["head"]
+            assert not b["modes"]["body.1.0"] and not b["modes"]["body.1.1"]
+            assert b["modes"]["body.2.1"] and b["modes"]["head"]
         else:
             assert all(b["modes"].values()), b["modes"]
     # Unfrozen in the next phase: the same parameters and statistics now train.
     start2, end2 = probe.phase_starts[1]["model"], probe.phase_ends[1]["model"]
     assert_same_weights(start2, after)
-    for k in ("body.1.weight", "body.2.weight", "body.2.running_mean"):
+    for k in ("body.1.0.weight", "body.1.1.weight", "body.1.1.running_mean"):
         assert not torch.equal(start2[k], end2[k]), k
 
 

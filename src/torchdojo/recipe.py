@@ -33,6 +33,25 @@ class DataSpec(BaseModel):
     standardize: Optional[bool] = None        # default: yes for tables
 
 
+class GroupRuleSpec(_Strict):
+    match: str                                # glob over parameter names or module names
+    lr_mult: float = Field(1.0, ge=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+
+
+class ParamGroupsSpec(_Strict):
+    """How parameters split into optimizer groups (see torchdojo.optim.param_groups). A plain list is
+    read as `rules`."""
+    rules: list[GroupRuleSpec] = []
+    no_decay: bool = True                     # biases and norm weights: no weight decay, no trust ratio
+    layer_decay: Optional[float] = Field(None, gt=0, le=1)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _list_is_rules(cls, value):
+        return {"rules": value} if isinstance(value, list) else value
+
+
 class PhaseSpec(_Strict):
     """One training stage. `optimizer`, `batch_size` and `losses` carry over from the previous phase
     when left out (the optimizer then keeps its state); `schedule` and `freeze` do not."""
@@ -44,6 +63,8 @@ class PhaseSpec(_Strict):
     schedule: list[dict[str, Any]] = []
     losses: Optional[list[dict[str, Any]]] = None
     freeze: list[str] = []                    # glob patterns of module names, e.g. "features.*"
+    train_bn: bool = False                    # let BatchNorm inside frozen modules keep training
+    param_groups: Optional[ParamGroupsSpec] = None   # only with an optimizer in the same phase
 
 
 class EvalSpec(_Strict):
@@ -71,6 +92,7 @@ class Recipe(_Strict):
     task: dict[str, Any] = {"name": "classify"}
     phases: list[PhaseSpec] = Field(min_length=1)
     methods: list[dict[str, Any]] = []
+    param_groups: ParamGroupsSpec = ParamGroupsSpec()
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     log: LogSpec = LogSpec()
@@ -81,6 +103,10 @@ class Recipe(_Strict):
     def active_optimizer_phase(self, i: int) -> int:
         """Index of the phase whose optimizer is in use during phase i (the last one that set it)."""
         return max(j for j in range(i + 1) if self.phases[j].optimizer is not None)
+
+    def param_groups_for(self, i: int) -> ParamGroupsSpec:
+        """The grouping used by the optimizer that phase i builds (its own, else the global one)."""
+        return self.phases[i].param_groups or self.param_groups
 
     def batch_size(self, i: int) -> int:
         return next(p.batch_size for p in reversed(self.phases[:i + 1]) if p.batch_size is not None)
@@ -259,6 +285,9 @@ def validate_recipe(raw: dict) -> Recipe:
         names.add(phase.name)
         if phase.optimizer is not None:
             phase.optimizer = component(OPTIMIZERS, phase.optimizer, f"{path}.optimizer")
+        elif phase.param_groups is not None:
+            raise ConfigError(f"{path}.param_groups", "param_groups in a phase needs an optimizer in that phase "
+                              "(groups are fixed for an optimizer's lifetime); set it at the top level instead")
         phase.schedule = [component(SCHEDULES, s, f"{path}.schedule.{j}") for j, s in enumerate(phase.schedule)]
         if phase.losses is not None:
             if not phase.losses:

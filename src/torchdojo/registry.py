@@ -26,6 +26,8 @@ class Entry:
     config: type | None = None
     # Parameters the trainer supplies itself (model parameters, input shape, ...), never the recipe.
     injected: tuple[str, ...] = ()
+    # Options that are themselves specs of this registry (Lookahead's `inner` optimizer).
+    nested: tuple[str, ...] = ()
 
     def schema(self) -> type[pydantic.BaseModel]:
         """A pydantic model of the keys a recipe may set for this component (unknown keys forbidden)."""
@@ -64,11 +66,11 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, factory: Callable, summary: str = "", *, config: type | None = None,
-                 injected: tuple[str, ...] = ()) -> Callable:
+                 injected: tuple[str, ...] = (), nested: tuple[str, ...] = ()) -> Callable:
         if name in self._entries:
             raise ValueError(f"{self.kind} '{name}' is already registered")
         self._entries[name] = Entry(name, factory, summary or (inspect.getdoc(factory) or "").split("\n")[0],
-                                    config, injected)
+                                    config, injected, nested)
         return factory
 
     def names(self) -> list[str]:
@@ -101,7 +103,12 @@ class Registry:
         except pydantic.ValidationError as exc:
             valid = list(schema.model_fields) + list(extra_keys)
             raise _first_error(exc, path, valid, f"{self.kind} '{entry.name}'") from None
-        return validated.model_dump()
+        options = validated.model_dump()
+        for key in entry.nested:
+            inner = options[key]
+            options[key] = {"name": inner.get("name") if isinstance(inner, dict) else None,
+                            **self.validate(inner, f"{path}.{key}" if path else key)}
+        return options
 
     def build(self, spec: dict, path: str = "", extra_keys: tuple[str, ...] = (), **injected):
         options = self.validate(spec, path, extra_keys)
@@ -138,8 +145,9 @@ ALL = {r.kind: r for r in (OPTIMIZERS, SCHEDULES, LOSSES, MODELS, DATASETS, TASK
 def _register_builtins() -> None:
     from . import data, losses, methods, models, optim, schedules, tasks
 
-    for name, fn in optim.TORCH_OPTIMIZERS.items():
+    for name, fn in {**optim.TORCH_OPTIMIZERS, **optim.DOJO_OPTIMIZERS}.items():
         OPTIMIZERS.register(name, fn, injected=("params",))
+    OPTIMIZERS.register("lookahead", _lookahead, injected=("params",), nested=("inner",))
     for name, fn in schedules.SCHEDULES.items():
         SCHEDULES.register(name, fn)
     for name, cls in losses.LOSSES.items():
@@ -152,6 +160,12 @@ def _register_builtins() -> None:
         TASKS.register(name, cls)
     for name, cls in methods.METHODS.items():
         METHODS.register(name, cls)
+
+
+def _lookahead(params, inner: dict, k: int = 5, alpha: float = 0.5):
+    """Lookahead over any registered optimizer (Zhang et al. 2019, arXiv 1907.08610)."""
+    from .optim import Lookahead
+    return Lookahead(OPTIMIZERS.build(inner, "inner", params=params), k=k, alpha=alpha)
 
 
 _plugins_loaded = False

@@ -25,6 +25,7 @@ from .data import DataBundle, TensorLoader, load_data
 from .errors import ConfigError, DojoError, choices_text
 from .log import MetricsFile, Reporter
 from .methods import HOOKS, Method
+from .optim.param_groups import apply_lr_mult, param_groups
 from .recipe import Recipe, load_recipe
 from .registry import LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
 from .schedules import compose
@@ -97,6 +98,11 @@ def _set_rng_state(rng: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
 
 
+def _named(model: nn.Module, modules: list[nn.Module]) -> list[tuple[str, nn.Module]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(m)], m) for m in modules]
+
+
 def frozen_modules(model: nn.Module, patterns: list[str], path: str) -> list[nn.Module]:
     """Modules whose qualified names match any glob pattern; a pattern matching nothing is an error."""
     named = dict(model.named_modules())
@@ -161,6 +167,12 @@ class Trainer:
         # Only hooks a method overrides are called: unused hooks cost nothing in the step.
         self.hooks = {h: [m for m in self.methods if getattr(type(m), h) is not getattr(Method, h)] for h in HOOKS}
         self.state = TrainState(recipe, model, data.to(self.device), task, self.device)
+        # Parameter names frozen in each phase, known up front so groups never appear mid-run.
+        self._frozen_by_phase = {
+            recipe.phase_name(i): {f"{prefix}.{n}" if prefix else n
+                                   for prefix, module in _named(model, frozen_modules(model, p.freeze, f"phases.{i}.freeze"))
+                                   for n, _ in module.named_parameters()}
+            for i, p in enumerate(recipe.phases)}
         self.phase_plan = [self._phase_length(i) for i in range(len(recipe.phases))]
         self.total_steps = sum(steps for steps, _ in self.phase_plan)
         self.reporter = reporter or Reporter(self.total_steps, quiet=quiet)
@@ -201,19 +213,19 @@ class Trainer:
         for p in s.model.parameters():
             p.requires_grad_(True)
         self._frozen = frozen_modules(s.model, phase.freeze, f"{path}.freeze")
+        self._train_bn = phase.train_bn
         for m in self._frozen:
             m.requires_grad_(False)
         opt_phase = self.recipe.active_optimizer_phase(i)
         if opt_phase != self._optimizer_phase:
             # A phase that names an optimizer starts it fresh; one that does not keeps the current one.
-            s.optimizer = OPTIMIZERS.build(self.recipe.phases[opt_phase].optimizer,
-                                           f"phases.{opt_phase}.optimizer", params=s.model.parameters())
+            s.optimizer = self.build_optimizer(opt_phase)
             self._optimizer_phase = opt_phase
-            # The schedule scales `initial_lr` (torch's own key for the base LR, kept in state_dict),
-            # so a carried-over optimizer restarts its new schedule from the base LR.
-            for group in s.optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-        self._base_lrs = [g["initial_lr"] for g in s.optimizer.param_groups]
+        # Frozen groups run at lr 0 (and get no gradient); unfreezing restores them: no group is added.
+        frozen_names = self._frozen_by_phase[s.phase_name]
+        frozen_ids = {id(p) for n, p in s.model.named_parameters() if n in frozen_names}
+        self._base_lrs = [0.0 if g["params"] and all(id(p) in frozen_ids for p in g["params"]) else g["initial_lr"]
+                          for g in s.optimizer.param_groups]
         try:
             segments = [SCHEDULES.build(spec, f"{path}.schedule.{j}") for j, spec in enumerate(phase.schedule)]
             self._schedule = compose(segments, s.phase_steps, s.steps_per_epoch)
@@ -222,6 +234,22 @@ class Trainer:
         self._loss_terms = self._build_losses(i)
         s.loader = self._loader(i)
         self._set_train_mode()
+
+    def build_optimizer(self, i: int) -> torch.optim.Optimizer:
+        """The optimizer phase i names, over the recipe's parameter groups (lr scaled by each group's
+        lr_mult; `initial_lr` holds the base LR the schedules scale, kept in its state_dict)."""
+        spec = self.recipe.param_groups_for(i)
+        where = f"phases.{i}.param_groups" if self.recipe.phases[i].param_groups else "param_groups"
+        try:
+            groups = param_groups(self.state.model, [r.model_dump() for r in spec.rules], no_decay=spec.no_decay,
+                                  layer_decay=spec.layer_decay, frozen=self._frozen_by_phase)
+        except ValueError as exc:
+            raise ConfigError(where, str(exc)) from None
+        optimizer = OPTIMIZERS.build(self.recipe.phases[i].optimizer, f"phases.{i}.optimizer", params=groups)
+        apply_lr_mult(optimizer)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        return optimizer
 
     def _build_losses(self, i: int) -> list[LossTerm]:
         terms, seen = [], {}
@@ -234,10 +262,15 @@ class Trainer:
         return terms
 
     def _set_train_mode(self) -> None:
-        # Frozen modules stay in eval mode so BatchNorm statistics and dropout stay fixed.
+        # Frozen modules stay in eval mode so BatchNorm statistics and dropout stay fixed
+        # (unless the phase asks for `train_bn`, which keeps their BatchNorm layers training).
         self.state.model.train()
         for m in self._frozen:
             m.eval()
+            if self._train_bn:
+                for sub in m.modules():
+                    if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                        sub.train()
 
     # -- the loop ----------------------------------------------------------------------------------
 

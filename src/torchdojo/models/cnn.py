@@ -27,12 +27,13 @@ class CNN(nn.Module):
         c, h, w = input_shape
         blocks: list[nn.Module] = []
         for out in config.channels:
-            blocks += [nn.Conv2d(c, out, 3, padding=1, bias=not config.batch_norm)]
-            blocks += [nn.BatchNorm2d(out)] if config.batch_norm else []
-            blocks += [nn.ReLU()]
+            layers = [nn.Conv2d(c, out, 3, padding=1, bias=not config.batch_norm)]
+            layers += [nn.BatchNorm2d(out)] if config.batch_norm else []
+            layers += [nn.ReLU()]
             if min(h, w) >= 4:
-                blocks.append(nn.MaxPool2d(2))
+                layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
+            blocks.append(nn.Sequential(*layers))
             c = out
         self.features = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, config.hidden), nn.ReLU(),
@@ -40,3 +41,7 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def block_names(self) -> list[str]:
+        """Blocks from input to output, for layer-wise LR decay."""
+        return [f"features.{i}" for i in range(len(self.features))] + ["head"]

@@ -27,13 +27,13 @@ class CNN1d(nn.Module):
         c, length = input_shape
         blocks: list[nn.Module] = []
         for out in config.channels:
-            blocks += [nn.Conv1d(c, out, config.kernel_size, padding="same",
-                                 bias=not config.batch_norm)]
-            blocks += [nn.BatchNorm1d(out)] if config.batch_norm else []
-            blocks += [nn.ReLU()]
+            layers = [nn.Conv1d(c, out, config.kernel_size, padding="same", bias=not config.batch_norm)]
+            layers += [nn.BatchNorm1d(out)] if config.batch_norm else []
+            layers += [nn.ReLU()]
             if length >= 4:
-                blocks.append(nn.MaxPool1d(2))
+                layers.append(nn.MaxPool1d(2))
                 length //= 2
+            blocks.append(nn.Sequential(*layers))
             c = out
         self.features = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * length, config.hidden), nn.ReLU(),
@@ -41,3 +41,7 @@ class CNN1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def block_names(self) -> list[str]:
+        """Blocks from input to output, for layer-wise LR decay."""
+        return [f"features.{i}" for i in range(len(self.features))] + ["head"]

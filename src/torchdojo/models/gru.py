@@ -31,3 +31,7 @@ class GRU(nn.Module):
         _, h = self.rnn(x.transpose(1, 2))            # (B, C, L) -> (B, L, C)
         last = torch.cat([h[-2], h[-1]], dim=1) if self.rnn.bidirectional else h[-1]
         return self.head(last)
+
+    def block_names(self) -> list[str]:
+        """Blocks from input to output, for layer-wise LR decay."""
+        return ["rnn", "head"]

@@ -23,18 +23,23 @@ class MLP(nn.Module):
 
     def __init__(self, input_shape, num_outputs: int, config: MLPConfig = MLPConfig()):
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
+        blocks: list[nn.Module] = []
         width = math.prod(input_shape)
         for h in config.hidden:
-            layers.append(nn.Linear(width, h))
+            layers = [nn.Linear(width, h)]
             if config.batch_norm:
                 layers.append(nn.BatchNorm1d(h))
             layers.append(ACTIVATIONS[config.activation]())
             if config.dropout > 0:
                 layers.append(nn.Dropout(config.dropout))
+            blocks.append(nn.Sequential(*layers))
             width = h
-        self.body = nn.Sequential(*layers)
+        self.body = nn.Sequential(nn.Flatten(), *blocks)
         self.head = nn.Linear(width, num_outputs)
 
     def forward(self, x):
         return self.head(self.body(x))
+
+    def block_names(self) -> list[str]:
+        """Blocks from input to output, for layer-wise LR decay."""
+        return [f"body.{i}" for i in range(1, len(self.body))] + ["head"]
