@@ -165,6 +165,45 @@ def _read_inputs(path: str, info):
     return numeric_matrix(table, list(table.columns))
 
 
+@main.command("param-groups")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@handle_errors
+def param_groups_cmd(recipe, overrides):
+    """Dry run: print the optimizer parameter groups RECIPE builds, without training.
+
+    One table per phase that starts an optimizer: each group's name, number of tensors and parameters,
+    lr, weight decay, whether LARS/LAMB apply their trust ratio, and the phases in which it is frozen
+    (lr 0, no gradient)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .log import fmt
+    from .recipe import load_recipe
+    from .trainer import Trainer
+
+    r = load_recipe(recipe, list(overrides))
+    trainer = Trainer(r, None, quiet=True)
+    frozen = trainer._frozen_by_phase
+    console = Console()
+    for i, phase in enumerate(r.phases):
+        if phase.optimizer is None:
+            continue
+        optimizer = trainer.build_optimizer(i)
+        table = Table(title=f"phase {r.phase_name(i)}: {phase.optimizer['name']}")
+        table.add_column("group", overflow="fold")
+        for col in ("tensors", "params", "lr", "wd", "trust"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("frozen in", overflow="fold")
+        names = {id(p): n for n, p in trainer.state.model.named_parameters()}
+        for g in optimizer.param_groups:
+            frozen_in = [ph for ph, ns in frozen.items() if g["params"] and all(names[id(p)] in ns for p in g["params"])]
+            table.add_row(g.get("name", "-"), str(len(g["params"])), f"{sum(p.numel() for p in g['params']):,}",
+                          fmt(g["lr"]), fmt(g.get("weight_decay", "-")), str(g.get("trust_ratio", True)),
+                          ", ".join(frozen_in) or "-")
+        console.print(table)
+
+
 @main.command()
 def recipes():
     """List the built-in recipes."""
