@@ -145,8 +145,8 @@ def _expected_average(initial: dict, weights: list[dict], decay: float, every: i
 def test_ema_method_final_model_is_the_average(tmp_path, decay, every_steps, start_step):
     r = make_tiny_recipe()
     r["model"] = {"name": "mlp", "hidden": [16], "batch_norm": True}
-    r["methods"] = [{"name": "ema", "decay": decay, "every_steps": every_steps, "start_step": start_step},
-                    {"name": PROBE, "weights": True}]
+    r["methods"] = [{"name": "ema", "decay": decay, "every_steps": every_steps, "start_step": start_step,
+                     "warmup": False}, {"name": PROBE, "weights": True}]
     trainer, summary = fit(r, tmp_path / "run")
     ema, probe = trainer.methods
     assert isinstance(ema, EMA)
@@ -276,3 +276,18 @@ def test_early_stopping_unknown_monitor_names_the_metrics():
     state = SimpleNamespace(step=1, stop_reason=None, eval_model=nn.Linear(1, 1))
     with pytest.raises(ValueError, match="val/accuracy"):
         EarlyStopping(monitor="val/acuracy").on_eval_end(state, {"val/loss": 0.3, "val/accuracy": 0.9})
+
+
+def test_ema_warmup_decay_follows_the_num_updates_formula(tmp_path):
+    from torchdojo.methods.ema import warmed_up_decay
+    assert [warmed_up_decay(0.99, n) for n in (0, 1, 8, 1000)] == [0.1, 2 / 11, 9 / 18, 0.99]
+    # In the trainer: the first update averages with decay 0.1, i.e. 90% of the new weights.
+    r = make_tiny_recipe()
+    r["phases"] = [{"name": "one", "steps": 1, "batch_size": 32, "optimizer": {"name": "sgd", "lr": 0.5}}]
+    r["methods"] = [{"name": "ema", "decay": 0.99}, {"name": PROBE, "weights": True}]
+    trainer, _ = fit(r, None)
+    ema, probe = trainer.methods
+    for k, v in ema.average.state_dict().items():
+        if v.dtype.is_floating_point:
+            expected = 0.1 * probe.initial[k].double() + 0.9 * probe.weight_log[0][k].double()
+            torch.testing.assert_close(v.double(), expected, rtol=1e-6, atol=1e-7, msg=k)

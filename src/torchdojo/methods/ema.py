@@ -24,14 +24,22 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
             a.copy_(b)
 
 
+def warmed_up_decay(decay: float, updates: int) -> float:
+    """min(decay, (1 + n) / (10 + n)) after n earlier updates, as TensorFlow's ExponentialMovingAverage
+    does with num_updates: early averages forget the random initialisation quickly."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
 class EMA(Method):
     """Keep an averaged copy of the model, updated every `every_steps` optimizer steps from
-    `start_step` on, and evaluate, test and save the averaged copy."""
+    `start_step` on, and evaluate, test and save the averaged copy. With `warmup` (default) the decay
+    grows from 0.1 towards `decay` over the first updates (`warmed_up_decay`)."""
 
-    def __init__(self, decay: float = 0.999, every_steps: int = 1, start_step: int = 0):
+    def __init__(self, decay: float = 0.999, every_steps: int = 1, start_step: int = 0, warmup: bool = True):
         if not 0.0 < decay < 1.0:
             raise ValueError("decay must be in (0, 1)")
-        self.decay, self.every_steps, self.start_step = decay, every_steps, start_step
+        self.decay, self.every_steps, self.start_step, self.warmup = decay, every_steps, start_step, warmup
+        self.updates = 0
         self.average: nn.Module | None = None
 
     def on_fit_start(self, state) -> None:
@@ -41,13 +49,16 @@ class EMA(Method):
         if state.step < self.start_step:
             self.average.load_state_dict(state.model.state_dict())
         elif state.step % self.every_steps == 0:
-            ema_update(self.average, state.model, self.decay)
+            decay = warmed_up_decay(self.decay, self.updates) if self.warmup else self.decay
+            ema_update(self.average, state.model, decay)
+            self.updates += 1
 
     def on_eval_model(self, state, model):
         return self.average
 
     def state_dict(self) -> dict:
-        return {"average": self.average.state_dict()}
+        return {"average": self.average.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         self.average.load_state_dict(state["average"])
+        self.updates = state["updates"]
