@@ -24,6 +24,16 @@ class Lookahead(Optimizer):
         self.lookahead_steps = 0
         self._params = [p for group in self.param_groups for p in group["params"]]
         self.slow = [p.detach().clone() for p in self._params]
+        self._ready = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not getattr(self, "_ready", False):
+            # Optimizer.__init__ registering the inner optimizer's existing groups.
+            return super().add_param_group(param_group)
+        self.optimizer.add_param_group(param_group)
+        new = self.optimizer.param_groups[-1]["params"]
+        self._params.extend(new)
+        self.slow.extend(p.detach().clone() for p in new)
 
     def __repr__(self) -> str:
         return f"Lookahead(k={self.k}, alpha={self.alpha}, inner={self.optimizer!r})"
@@ -37,14 +47,18 @@ class Lookahead(Optimizer):
         return loss
 
     def _sync_slow_weights(self) -> None:
-        fast = self._params
+        # Frozen parameters (requires_grad False) are left alone: freezing promises they do not move.
+        pairs = [(s, p) for s, p in zip(self.slow, self._params) if p.requires_grad]
+        if not pairs:
+            return
+        slow, fast = [s for s, _ in pairs], [p for _, p in pairs]
         if self.foreach is not False and len({(p.device, p.dtype) for p in fast}) == 1:
-            torch._foreach_lerp_(self.slow, fast, self.alpha)
-            torch._foreach_copy_(fast, self.slow)
+            torch._foreach_lerp_(slow, fast, self.alpha)
+            torch._foreach_copy_(fast, slow)
         else:
-            for slow, p in zip(self.slow, fast):
-                slow.add_(p - slow, alpha=self.alpha)
-                p.copy_(slow)
+            for s, p in zip(slow, fast):
+                s.add_(p - s, alpha=self.alpha)
+                p.copy_(s)
 
     @property
     def state(self):
@@ -64,6 +78,8 @@ class Lookahead(Optimizer):
             raise ValueError(f"Lookahead state has {len(state_dict['slow'])} slow tensors, this optimizer "
                              f"has {len(self.slow)} parameters")
         self.optimizer.load_state_dict(state_dict["inner"])
+        # torch's load_state_dict gives the inner optimizer new group dicts: share them again.
+        self.param_groups = self.optimizer.param_groups
         with torch.no_grad():
             for slow, saved in zip(self.slow, state_dict["slow"]):
                 slow.copy_(saved)
