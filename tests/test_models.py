@@ -61,7 +61,8 @@ def test_outputs_do_not_mix_samples(name):
     ("gru", (1, 8, 8), r"\(C, L\)"),
 ])
 def test_wrong_input_rank_is_a_clear_error(name, bad_shape, expected):
-    with pytest.raises(ValueError, match=expected) as info:
+    from torchdojo.errors import ConfigError
+    with pytest.raises(ConfigError, match=expected) as info:   # the model's ValueError, with its key path
         build(name, bad_shape)
     assert name in str(info.value) and str(tuple(bad_shape)) in str(info.value)
 

@@ -196,10 +196,12 @@ def param_groups_cmd(recipe, overrides):
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("frozen in", overflow="fold")
         names = {id(p): n for n, p in trainer.state.model.named_parameters()}
+        uses_trust = "trust_ratio" in optimizer.defaults      # only LARS and LAMB read it
         for g in optimizer.param_groups:
             frozen_in = [ph for ph, ns in frozen.items() if g["params"] and all(names[id(p)] in ns for p in g["params"])]
             table.add_row(g.get("name", "-"), str(len(g["params"])), f"{sum(p.numel() for p in g['params']):,}",
-                          fmt(g["lr"]), fmt(g.get("weight_decay", "-")), str(g.get("trust_ratio", True)),
+                          fmt(g["lr"]), fmt(g.get("weight_decay", "-")),
+                          str(g.get("trust_ratio", True)) if uses_trust else "-",
                           ", ".join(frozen_in) or "-")
         console.print(table)
 

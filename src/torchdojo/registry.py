@@ -113,9 +113,12 @@ class Registry:
     def build(self, spec: dict, path: str = "", extra_keys: tuple[str, ...] = (), **injected):
         options = self.validate(spec, path, extra_keys)
         entry = self._entries[spec["name"]]
-        if entry.config is not None:
-            return entry.factory(**injected, config=entry.config(**options))
-        return entry.factory(**injected, **options)
+        try:
+            if entry.config is not None:
+                return entry.factory(**injected, config=entry.config(**options))
+            return entry.factory(**injected, **options)
+        except ValueError as exc:   # a combination of values the component refuses, e.g. nesterov without momentum
+            raise ConfigError(path, f"{self.kind} '{entry.name}': {exc}") from None
 
 
 def _first_error(exc: pydantic.ValidationError, path: str, valid: list[str], what: str) -> ConfigError:

@@ -158,11 +158,8 @@ class Trainer:
         if task.task_type != data.info.task_type:
             raise ConfigError("task.name", f"task '{recipe.task['name']}' is for {task.task_type}, but the "
                                            f"data '{recipe.data.name}' is a {data.info.task_type} dataset")
-        try:
-            model = MODELS.build(recipe.model, "model", input_shape=tuple(data.info.input_shape),
-                                 num_outputs=data.info.num_outputs).to(self.device)
-        except ValueError as exc:
-            raise ConfigError("model", str(exc)) from None
+        model = MODELS.build(recipe.model, "model", input_shape=tuple(data.info.input_shape),
+                             num_outputs=data.info.num_outputs).to(self.device)
         self.methods: list[Method] = [METHODS.build(m, f"methods.{i}") for i, m in enumerate(recipe.methods)]
         # Only hooks a method overrides are called: unused hooks cost nothing in the step.
         self.hooks = {h: [m for m in self.methods if getattr(type(m), h) is not getattr(Method, h)] for h in HOOKS}

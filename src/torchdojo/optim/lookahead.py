@@ -18,7 +18,7 @@ class Lookahead(Optimizer):
             raise ValueError("alpha must be in [0, 1]")
         self.optimizer, self.k, self.alpha, self.foreach = optimizer, k, alpha, foreach
         # Optimizer.__init__ sets up torch's hook machinery; the group dicts it registers are the inner
-        # optimizer's own, and the list itself is shared below so groups added later are seen too.
+        # optimizer's own, and the list itself is shared below (add_param_group adds to both).
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.param_groups = optimizer.param_groups
         self.lookahead_steps = 0

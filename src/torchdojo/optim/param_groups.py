@@ -35,12 +35,12 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Biases and the weights of normalisation layers."""
+    """Biases (any parameter named `bias*`, e.g. a GRU's `bias_ih_l0`) and the weights of normalisation layers."""
     names = set()
     for module_name, module in model.named_modules():
         for p_name, _ in module.named_parameters(recurse=False):
             full = f"{module_name}.{p_name}" if module_name else p_name
-            if p_name == "bias" or isinstance(module, NORM_LAYERS):
+            if p_name.startswith("bias") or isinstance(module, NORM_LAYERS):
                 names.add(full)
     return names
 
