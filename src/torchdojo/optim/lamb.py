@@ -15,7 +15,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._functional import can_foreach, grads_of, safe_ratio
+from ._functional import can_foreach, grads_of, safe_ratio, trust_value
 
 
 class LAMB(Optimizer):
@@ -62,44 +62,48 @@ class LAMB(Optimizer):
 
 
 def _lamb_single(w, g, m, v, t, group) -> None:
-    """The update rule for one tensor, written as in the paper."""
+    """The update rule for one tensor, with a single temporary (r)."""
     b1, b2 = group["betas"]
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    m_hat, v_hat = (m / (1 - b1 ** t), v / (1 - b2 ** t)) if group["bias_correction"] else (m, v)
-    r = m_hat / (v_hat.sqrt() + group["eps"])
+    bc1, bc2_sqrt = (1 - b1 ** t, math.sqrt(1 - b2 ** t)) if group["bias_correction"] else (1.0, 1.0)
+    # m_hat / (sqrt(v_hat) + eps) = m / (bc1 * (sqrt(v)/sqrt(bc2) + eps)), built in place in r.
+    r = v.sqrt().mul_(bc1 / bc2_sqrt).add_(group["eps"] * bc1)
+    torch.div(m, r, out=r)
     if group["weight_decay"] != 0:
         r.add_(w, alpha=group["weight_decay"])
-    if group["trust_ratio"]:
-        trust = safe_ratio(torch.linalg.vector_norm(w), torch.linalg.vector_norm(r))
-        if group["max_trust"] is not None:
-            trust = trust.clamp(max=group["max_trust"])
-        r.mul_(trust)
-    w.add_(r, alpha=-group["lr"])
+    if not group["trust_ratio"]:
+        w.add_(r, alpha=-group["lr"])
+        return
+    trust = trust_value(torch.linalg.vector_norm(w), torch.linalg.vector_norm(r), cap=group["max_trust"])
+    if isinstance(trust, float):
+        w.add_(r, alpha=-group["lr"] * trust)
+    else:
+        w.addcmul_(r, trust, value=-group["lr"])
 
 
 def _lamb_foreach(ws, gs, ms, vs, steps, group) -> None:
     """The same rule over all tensors of a group at once with torch._foreach_* kernels."""
     b1, b2 = group["betas"]
-    torch._foreach_mul_(ms, b1)
-    torch._foreach_add_(ms, gs, alpha=1 - b1)
+    torch._foreach_lerp_(ms, gs, 1 - b1)
     torch._foreach_mul_(vs, b2)
     torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
-    denom = torch._foreach_sqrt(vs)
+    # r = 1 / (bc1 * (sqrt(v)/sqrt(bc2) + eps)) * m: one temporary list, as in _lamb_single.
+    r = torch._foreach_sqrt(vs)
     if group["bias_correction"]:
-        # sqrt(v/(1-b2^t)) = sqrt(v)/sqrt(1-b2^t); m/(1-b1^t) is folded into the division below.
-        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** t) for t in steps])
-    torch._foreach_add_(denom, group["eps"])
-    r = torch._foreach_div(ms, denom)
-    if group["bias_correction"]:
-        torch._foreach_div_(r, [1 - b1 ** t for t in steps])
+        bc1 = [1 - b1 ** t for t in steps]
+        torch._foreach_mul_(r, [c / math.sqrt(1 - b2 ** t) for c, t in zip(bc1, steps)])
+        torch._foreach_add_(r, [group["eps"] * c for c in bc1])
+    else:
+        torch._foreach_add_(r, group["eps"])
+    torch._foreach_reciprocal_(r)
+    torch._foreach_mul_(r, ms)
     if group["weight_decay"] != 0:
         torch._foreach_add_(r, ws, alpha=group["weight_decay"])
     if group["trust_ratio"]:
         trust = safe_ratio(torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(r)))
         if group["max_trust"] is not None:
             trust = trust.clamp(max=group["max_trust"])
-        torch._foreach_mul_(r, (trust * -group["lr"]).unbind())
-        torch._foreach_add_(ws, r)
+        torch._foreach_addcmul_(ws, r, (trust * -group["lr"]).unbind())
     else:
         torch._foreach_add_(ws, r, alpha=-group["lr"])
