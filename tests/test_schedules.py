@@ -78,8 +78,9 @@ def test_segment_lengths_in_epochs():
     assert got[:5] == pytest.approx([(t + 1) / 5 for t in range(5)])
     assert got[5:25] == pytest.approx([0.5 * (1 + math.cos(math.pi * t / 20)) for t in range(20)], rel=1e-12)
     assert got[25:] == [got[24]] * 5
-    assert Segment(lambda t, n, s: 1.0, epochs=0.01).length(10) == 1     # never shorter than one step
-    assert Segment(lambda t, n, s: 1.0, epochs=1.5).length(4) == 6
+    short = compose([Segment(lambda t, n, e: 1.0, epochs=0.01), constant(0.5)], 10, steps_per_epoch=10)
+    assert short.lengths[0] == 1                                         # never shorter than one step
+    assert compose([Segment(lambda t, n, e: 1.0, epochs=1.5), constant()], 20, steps_per_epoch=4).lengths[0] == 6
 
 
 def test_errors():

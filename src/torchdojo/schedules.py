@@ -1,24 +1,57 @@
-"""Learning-rate schedules as pure functions of the step, returning a multiplier of the base LR.
+"""Learning-rate schedules: functions of the step that return a multiplier of each group's base LR.
 
-A recipe gives a list of segments joined end to end, e.g. `[{name: warmup, steps: 50}, {name: cosine}]`.
-Each segment's length is in explicit units, `steps` or `epochs` (fractions allowed); one segment may
-omit its length and then fills the rest of the phase. After the last segment its final value holds.
-`as_lambda_lr` plugs any of these into torch's LambdaLR for use in a plain loop."""
+A recipe joins segments end to end, e.g. `[{name: warmup, steps: 50}, {name: cosine}]`. Every length
+is in explicit units, `steps` or `epochs` (fractions allowed); one segment may leave its length out and
+then fills the rest of the phase; after the last segment its final value holds. All segments are pure
+functions of the step except `plateau`, which reduces on a monitored metric (call
+`Schedule.observe`) and keeps that state in `state_dict`. `as_lambda_lr` plugs a schedule into torch's
+LambdaLR for plain loops.
+
+Epoch units go through a `Clock`, which knows how many steps each epoch of the phase has (it varies
+when the batch size is scheduled)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import torch
 
 
-@dataclass(frozen=True)
+class Clock:
+    """Step <-> epoch conversion inside a phase whose epoch k has `steps_in_epoch(k)` steps."""
+
+    def __init__(self, steps_in_epoch: Callable[[int], int] | int):
+        self._spe = steps_in_epoch if callable(steps_in_epoch) else (lambda k, n=steps_in_epoch: n)
+        self._starts = [0]                      # first step of each epoch, grown lazily
+
+    def _epoch_start(self, k: int) -> int:
+        while len(self._starts) <= k:
+            self._starts.append(self._starts[-1] + self._spe(len(self._starts) - 1))
+        return self._starts[k]
+
+    def steps_at(self, epoch: float) -> int:
+        """The step reached after `epoch` epochs (fractions count within their epoch)."""
+        k = int(math.floor(epoch))
+        return self._epoch_start(k) + round((epoch - k) * self._spe(k))
+
+    def epoch_at(self, step: int) -> float:
+        k = 0
+        while self._epoch_start(k + 1) <= step:
+            k += 1
+        return k + (step - self._epoch_start(k)) / self._spe(k)
+
+
+@dataclass
 class Segment:
-    """`fn(t, n, steps_per_epoch)` is the multiplier at step t (0-based) of a segment lasting n steps."""
-    fn: Callable[[int, int, int], float]
+    """`fn(t, n, epochs)` is the multiplier at step t (0-based) of a segment lasting n steps; `epochs(t)`
+    converts t into epochs since the segment started."""
+    fn: Callable[[int, int, Callable[[int], float]], float]
     steps: int | None = None
     epochs: float | None = None
+    # Steps (from the segment's start) where a cycle ends: cosine_restarts' restarts, for snapshots.
+    cycle_ends: Callable[[int, Callable[[int], float]], list[int]] | None = None
+    plateau: "Plateau | None" = None
 
     def __post_init__(self):
         if self.steps is not None and self.epochs is not None:
@@ -26,71 +59,306 @@ class Segment:
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
             raise ValueError("a schedule segment's length must be positive")
 
-    def length(self, steps_per_epoch: int) -> int | None:
-        if self.epochs is not None:
-            return max(1, round(self.epochs * steps_per_epoch))
-        return self.steps
 
+def _need_one(what: str, **options) -> None:
+    given = [k for k, v in options.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"{what}: give exactly one of {', '.join('`' + k + '`' for k in options)}")
+
+
+def _every(every_steps, every_epochs, epochs_since: Callable[[int], float], t: int) -> float:
+    """How many periods of `every_steps` steps or `every_epochs` epochs have passed at step t."""
+    return t / every_steps if every_steps is not None else epochs_since(t) / every_epochs
+
+
+# -- the pure segments ---------------------------------------------------------------------------
 
 def constant(value: float = 1.0, steps: int | None = None, epochs: float | None = None) -> Segment:
     """A constant multiplier of the base LR."""
-    return Segment(lambda t, n, spe: value, steps, epochs)
+    return Segment(lambda t, n, e: value, steps, epochs)
 
 
-def warmup(steps: int | None = None, epochs: float | None = None, start_factor: float = 0.0) -> Segment:
+def linear_warmup(steps: int | None = None, epochs: float | None = None, start_factor: float = 0.0) -> Segment:
     """Linear warmup from `start_factor` to 1, reaching the base LR on its last step (Goyal et al. 2017,
     arXiv 1706.02677)."""
-    if steps is None and epochs is None:
-        raise ValueError("warmup needs a length: `steps` or `epochs`")
-    return Segment(lambda t, n, spe: start_factor + (1.0 - start_factor) * min(t + 1, n) / n, steps, epochs)
+    _need_one("linear_warmup needs a length", steps=steps, epochs=epochs)
+    return Segment(lambda t, n, e: start_factor + (1.0 - start_factor) * min(t + 1, n) / n, steps, epochs)
+
+
+def exponential_warmup(steps: int | None = None, epochs: float | None = None, start_factor: float = 0.01) -> Segment:
+    """Geometric warmup from `start_factor` to 1: the multiplier grows by the same ratio every step."""
+    _need_one("exponential_warmup needs a length", steps=steps, epochs=epochs)
+    if not 0.0 < start_factor <= 1.0:
+        raise ValueError("exponential_warmup: start_factor must be in (0, 1]")
+    return Segment(lambda t, n, e: start_factor ** (1.0 - min(t + 1, n) / n), steps, epochs)
+
+
+def _cosine(t: float, n: float, top: float, floor: float) -> float:
+    return floor + (top - floor) * 0.5 * (1.0 + math.cos(math.pi * min(t, n) / n))
 
 
 def cosine(steps: int | None = None, epochs: float | None = None, min_factor: float = 0.0) -> Segment:
     """Cosine annealing from 1 down to `min_factor` (Loshchilov & Hutter 2016, arXiv 1608.03983)."""
-    return Segment(lambda t, n, spe: min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t / n)),
-                   steps, epochs)
+    return Segment(lambda t, n, e: _cosine(t, n, 1.0, min_factor), steps, epochs)
+
+
+def cosine_restarts(cycles: int | None = None, cycle_steps: int | None = None, cycle_epochs: float | None = None,
+                    cycle_mult: float = 1.0, peak_decay: float = 1.0, min_factor: float = 0.0,
+                    steps: int | None = None, epochs: float | None = None) -> Segment:
+    """SGDR: cosine cycles restarting at the peak (Loshchilov & Hutter 2016, arXiv 1608.03983).
+
+    The first cycle lasts `cycle_steps` or `cycle_epochs`, or the segment is split into `cycles` cycles;
+    each cycle is `cycle_mult` times longer than the one before and its peak `peak_decay` times lower.
+    With `cycles` and cycle_mult 1 the cycles are equal: the schedule of snapshot ensembles (Huang et
+    al. 2017, arXiv 1704.00109)."""
+    _need_one("cosine_restarts", cycles=cycles, cycle_steps=cycle_steps, cycle_epochs=cycle_epochs)
+    if cycle_mult < 1.0 or not 0.0 < peak_decay <= 1.0 or (cycles is not None and cycles < 1):
+        raise ValueError("cosine_restarts: cycles >= 1, cycle_mult >= 1, 0 < peak_decay <= 1")
+
+    def bounds(n: int, epochs_since) -> list[int]:
+        """Cycle end steps (from the segment start), the last one being n."""
+        if cycles is not None:
+            unit = n * (cycle_mult - 1) / (cycle_mult ** cycles - 1) if cycle_mult > 1 else n / cycles
+            return [max(1, round(unit * ((cycle_mult ** (i + 1) - 1) / (cycle_mult - 1) if cycle_mult > 1 else i + 1)))
+                    for i in range(cycles - 1)] + [n]
+        first = cycle_steps if cycle_steps is not None else None
+        ends, length, start = [], None, 0
+        while start < n:
+            if first is not None:
+                length = first if length is None else length * cycle_mult
+                end = start + max(1, round(length))
+            else:
+                # Lengths in epochs: cycle i spans cycle_epochs * cycle_mult**i epochs.
+                span = cycle_epochs * cycle_mult ** len(ends)
+                end = _steps_after(epochs_since, start, span, n)
+            ends.append(min(end, n))
+            start = end
+        return ends
+
+    def fn(t: int, n: int, epochs_since) -> float:
+        start = 0
+        for i, end in enumerate(bounds(n, epochs_since)):
+            if t < end or i == len(bounds(n, epochs_since)) - 1:
+                return _cosine(t - start, end - start, peak_decay ** i, min_factor)
+            start = end
+        return min_factor
+
+    return Segment(fn, steps, epochs, cycle_ends=bounds)
+
+
+def _steps_after(epochs_since: Callable[[int], float], start: int, span: float, limit: int) -> int:
+    """The first step s > start at which `span` more epochs have passed (at most `limit`)."""
+    target = epochs_since(start) + span
+    s = start + 1
+    while s < limit and epochs_since(s) < target - 1e-9:
+        s += 1
+    return s
 
 
 def step(every_steps: int | None = None, every_epochs: float | None = None, gamma: float = 0.1,
          steps: int | None = None, epochs: float | None = None) -> Segment:
     """Multiply by `gamma` every `every_steps` steps (or every `every_epochs` epochs)."""
-    if (every_steps is None) == (every_epochs is None):
-        raise ValueError("step schedule: give exactly one of `every_steps` or `every_epochs`")
+    _need_one("step schedule", every_steps=every_steps, every_epochs=every_epochs)
+    return Segment(lambda t, n, e: gamma ** math.floor(_every(every_steps, every_epochs, e, t) + 1e-9),
+                   steps, epochs)
 
-    def fn(t: int, n: int, spe: int) -> float:
-        every = every_steps if every_steps is not None else max(1, round(every_epochs * spe))
-        return gamma ** (t // every)
+
+def exponential(gamma: float = 0.99, every_steps: int | None = None, every_epochs: float | None = None,
+                steps: int | None = None, epochs: float | None = None) -> Segment:
+    """Smooth exponential decay: gamma ** (steps / every_steps) or gamma ** (epochs / every_epochs);
+    by default gamma per step."""
+    if every_steps is None and every_epochs is None:
+        every_steps = 1
+    _need_one("exponential schedule", every_steps=every_steps, every_epochs=every_epochs)
+    return Segment(lambda t, n, e: gamma ** _every(every_steps, every_epochs, e, t), steps, epochs)
+
+
+def one_cycle(pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4,
+              steps: int | None = None, epochs: float | None = None) -> Segment:
+    """The 1cycle policy (Smith & Topin 2017, arXiv 1708.07120): cosine up from 1/div_factor to 1 over
+    `pct_start` of the segment, then cosine down to 1/(div_factor*final_div_factor)."""
+    if not 0.0 < pct_start < 1.0:
+        raise ValueError("one_cycle: pct_start must be in (0, 1)")
+    start, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
+
+    def fn(t: int, n: int, e) -> float:
+        up = max(1, round(pct_start * n))
+        if t < up:
+            return _cosine(t, up, start, 1.0)
+        return _cosine(t - up, max(1, n - 1 - up), 1.0, end)
     return Segment(fn, steps, epochs)
 
 
-SCHEDULES = {"constant": constant, "warmup": warmup, "cosine": cosine, "step": step}
+def polynomial(power: float = 1.0, end_factor: float = 0.0, steps: int | None = None,
+               epochs: float | None = None) -> Segment:
+    """Polynomial decay from 1 to `end_factor`: end + (1 - end) * (1 - t/n) ** power."""
+    return Segment(lambda t, n, e: end_factor + (1.0 - end_factor) * (1.0 - min(t, n) / n) ** power, steps, epochs)
 
 
-def compose(segments: list[Segment], total_steps: int, steps_per_epoch: int = 1) -> Callable[[int], float]:
-    """Join segments into one `step -> multiplier` function over a phase of `total_steps` steps."""
-    if not segments:
-        return lambda t: 1.0
-    lengths = [s.length(steps_per_epoch) for s in segments]
-    open_ended = [i for i, n in enumerate(lengths) if n is None]
-    if len(open_ended) > 1:
-        raise ValueError("only one schedule segment may omit its length (it fills the rest of the phase)")
-    if open_ended:
-        lengths[open_ended[0]] = max(1, total_steps - sum(n for n in lengths if n is not None))
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    last = len(segments) - 1
+# -- plateau: the one segment with state ------------------------------------------------------------
 
-    def multiplier(t: int) -> float:
-        i = last
-        while i > 0 and t < starts[i]:
+@dataclass
+class Plateau:
+    """Reduce-on-plateau state: the multiplier starts at 1 and is multiplied by `factor` after
+    `patience` evaluations in a row without improvement, then waits `cooldown` evaluations."""
+    monitor: str
+    mode: str
+    factor: float
+    patience: int
+    threshold: float
+    threshold_mode: str
+    cooldown: int
+    min_lr: float
+    scale: float = 1.0
+    best: float = field(default=math.nan)
+    bad: int = 0
+    cooldown_left: int = 0
+    reductions: int = 0
+
+    def is_better(self, value: float) -> bool:
+        if math.isnan(self.best):
+            return True
+        if self.threshold_mode == "rel":
+            margin = abs(self.best) * self.threshold
+        else:
+            margin = self.threshold
+        return value < self.best - margin if self.mode == "min" else value > self.best + margin
+
+    def observe(self, value: float) -> bool:
+        """Take one evaluation; True if it reduced the LR."""
+        if math.isnan(value):
+            return False
+        if self.is_better(value):
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad = 0
+        if self.bad >= self.patience:
+            self.scale *= self.factor
+            self.bad, self.cooldown_left, self.reductions = 0, self.cooldown, self.reductions + 1
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("scale", "best", "bad", "cooldown_left", "reductions")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def plateau(monitor: str = "val/loss", mode: Literal["min", "max"] = "min", factor: float = 0.1,
+            patience: int = 10, threshold: float = 1e-4, threshold_mode: Literal["rel", "abs"] = "rel",
+            cooldown: int = 0, min_lr: float = 0.0, steps: int | None = None,
+            epochs: float | None = None) -> Segment:
+    """Reduce on plateau: multiply the LR by `factor` once `monitor` has not improved (by more than
+    `threshold`, relative or absolute) for `patience` evaluations in a row, then wait `cooldown`
+    evaluations; never below `min_lr`. Unlike torch's ReduceLROnPlateau, it reduces on the
+    `patience`-th bad evaluation (torch's patience p equals ours p + 1)."""
+    if not 0.0 < factor < 1.0 or patience < 1 or cooldown < 0:
+        raise ValueError("plateau: 0 < factor < 1, patience >= 1, cooldown >= 0")
+    state = Plateau(monitor, mode, factor, patience, threshold, threshold_mode, cooldown, min_lr)
+    return Segment(lambda t, n, e: state.scale, steps, epochs, plateau=state)
+
+
+warmup = linear_warmup   # the short name recipes use
+
+SCHEDULES = {"constant": constant, "linear_warmup": linear_warmup, "warmup": linear_warmup,
+             "exponential_warmup": exponential_warmup, "cosine": cosine, "cosine_restarts": cosine_restarts,
+             "step": step, "exponential": exponential, "one_cycle": one_cycle, "polynomial": polynomial,
+             "plateau": plateau}
+
+
+# -- joining segments ------------------------------------------------------------------------------
+
+class Schedule:
+    """Segments joined over a phase of `total_steps` steps: `schedule(t)` is the multiplier at step t."""
+
+    def __init__(self, segments: list[Segment], total_steps: int, clock: Clock | int = 1):
+        self.segments = list(segments)
+        self.clock = clock if isinstance(clock, Clock) else Clock(clock)
+        lengths: list[int | None] = []
+        start = 0
+        for seg in self.segments:
+            if seg.epochs is not None:
+                n = max(1, self.clock.steps_at(self.clock.epoch_at(start) + seg.epochs) - start)
+            else:
+                n = seg.steps
+            lengths.append(n)
+            start += n or 0
+        open_ended = [i for i, n in enumerate(lengths) if n is None]
+        if len(open_ended) > 1:
+            raise ValueError("only one schedule segment may omit its length (it fills the rest of the phase)")
+        if open_ended:
+            lengths[open_ended[0]] = max(1, total_steps - sum(n for n in lengths if n is not None))
+        self.lengths = lengths
+        self.starts = [sum(lengths[:i]) for i in range(len(lengths))]
+
+    def _epochs_since(self, start: int) -> Callable[[int], float]:
+        e0 = self.clock.epoch_at(start)
+        return lambda t: self.clock.epoch_at(start + t) - e0
+
+    def segment_at(self, t: int) -> int:
+        i = len(self.segments) - 1
+        while i > 0 and t < self.starts[i]:
             i -= 1
-        # Past the end of the last segment its final value holds.
-        local = min(t - starts[i], lengths[i] - 1) if i == last else t - starts[i]
-        return segments[i].fn(local, lengths[i], steps_per_epoch)
+        return i
 
-    return multiplier
+    def __call__(self, t: int) -> float:
+        if not self.segments:
+            return 1.0
+        i = self.segment_at(t)
+        local = t - self.starts[i]
+        if i == len(self.segments) - 1:
+            local = min(local, self.lengths[i] - 1)     # past the end, the final value holds
+        return self.segments[i].fn(local, self.lengths[i], self._epochs_since(self.starts[i]))
+
+    def min_lr(self, t: int) -> float:
+        """The absolute LR floor at step t (a plateau segment's `min_lr`), else 0."""
+        if not self.segments:
+            return 0.0
+        seg = self.segments[self.segment_at(t)]
+        return seg.plateau.min_lr if seg.plateau is not None else 0.0
+
+    def observe(self, t: int, metrics: dict[str, float]) -> bool:
+        """Give an evaluation's metrics to the plateau segment active at step t; True if it reduced."""
+        if not self.segments:
+            return False
+        seg = self.segments[self.segment_at(t)]
+        if seg.plateau is None or t < self.starts[self.segment_at(t)]:
+            return False
+        if seg.plateau.monitor not in metrics:
+            raise ValueError(f"plateau monitors '{seg.plateau.monitor}', which is not among the metrics: "
+                             f"{', '.join(sorted(metrics))}")
+        return seg.plateau.observe(float(metrics[seg.plateau.monitor]))
+
+    def cycle_ends(self) -> list[int]:
+        """Phase steps at which a cosine_restarts cycle ends (the last step of each cycle counts)."""
+        ends = []
+        for seg, start, n in zip(self.segments, self.starts, self.lengths):
+            if seg.cycle_ends is not None:
+                ends += [start + e for e in seg.cycle_ends(n, self._epochs_since(start))]
+        return ends
+
+    def state_dict(self) -> dict:
+        return {"plateaus": [s.plateau.state_dict() if s.plateau else None for s in self.segments]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for seg, saved in zip(self.segments, state["plateaus"]):
+            if seg.plateau is not None and saved is not None:
+                seg.plateau.load_state_dict(saved)
+
+
+def compose(segments: list[Segment], total_steps: int, steps_per_epoch: int | Clock = 1) -> Schedule:
+    """Join segments into one schedule over a phase of `total_steps` steps."""
+    return Schedule(segments, total_steps, steps_per_epoch)
 
 
 def as_lambda_lr(optimizer: torch.optim.Optimizer, segments: list[Segment], total_steps: int,
                  steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
-    """A torch LambdaLR driven by composed segments; call `.step()` after each optimizer step."""
+    """A torch LambdaLR driven by joined segments; call `.step()` after each optimizer step. With a
+    plateau segment, also call `scheduler.lr_lambdas[0].observe(step, {"val/loss": value})` after
+    each evaluation."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, compose(segments, total_steps, steps_per_epoch))

@@ -190,11 +190,12 @@ class Trainer:
     def _phase_length(self, i: int) -> tuple[int, int]:
         """(steps in phase i, steps per epoch at its batch size)."""
         phase = self.recipe.phases[i]
-        per_epoch = len(self._loader(i))
+        per_epoch = len(self.train_loader(i))
         steps = phase.steps if phase.steps is not None else max(1, round(phase.epochs * per_epoch))
         return steps, per_epoch
 
-    def _loader(self, i: int) -> TensorLoader:
+    def train_loader(self, i: int) -> TensorLoader:
+        """The shuffled training batches of phase i (at its batch size)."""
         return TensorLoader(self.state.data.train, self.recipe.batch_size(i), shuffle=True,
                             seed=self.recipe.seed * 100 + i, drop_last=True)
 
@@ -229,7 +230,7 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(f"{path}.schedule", str(exc)) from None
         self._loss_terms = self._build_losses(i)
-        s.loader = self._loader(i)
+        s.loader = self.train_loader(i)
         self._set_train_mode()
 
     def build_optimizer(self, i: int) -> torch.optim.Optimizer:
