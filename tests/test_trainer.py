@@ -210,7 +210,7 @@ def test_batch_size_changes_per_phase(phased_run):
     n_train = len(trainer.state.data.train)
     assert n_train > 128
     per_epoch = {"adam_stage": n_train // 32, "sgd_stage": n_train // 64, "carry": n_train // 64}
-    assert [spe for _, spe in trainer.phase_plan] == list(per_epoch.values())
+    assert [clock.steps_at(1) for _, clock in trainer.phase_plan] == list(per_epoch.values())
     expected, epoch = {}, 0.0
     for step in range(1, 17):
         epoch += 1 / per_epoch[PHASE_OF_STEP[step]]

@@ -5,11 +5,12 @@ overrides, and validates the structure and every named component against its reg
 is one `ConfigError` naming the key path and the valid choices."""
 from __future__ import annotations
 
+import math
 import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import pydantic
 import yaml
@@ -52,13 +53,27 @@ class ParamGroupsSpec(_Strict):
         return {"rules": value} if isinstance(value, list) else value
 
 
+class BatchSizeSchedule(_Strict):
+    """A batch size that grows inside a phase: start * factor**(epochs // every_epochs), at most end
+    (Smith et al. 2017, arXiv 1711.00489: grow the batch instead of decaying the LR)."""
+    start: int = Field(gt=0)
+    end: int = Field(gt=0)
+    every_epochs: float = Field(gt=0)
+    factor: float = Field(2.0, gt=1)
+
+    def at(self, epoch: int) -> int:
+        return min(self.end, round(self.start * self.factor ** math.floor(epoch / self.every_epochs + 1e-9)))
+
+
 class PhaseSpec(_Strict):
     """One training stage. `optimizer`, `batch_size` and `losses` carry over from the previous phase
     when left out (the optimizer then keeps its state); `schedule` and `freeze` do not."""
     name: Optional[str] = None
     epochs: Optional[float] = Field(None, gt=0)
     steps: Optional[int] = Field(None, gt=0)
-    batch_size: Optional[int] = Field(None, gt=0)
+    batch_size: Optional[Union[int, BatchSizeSchedule]] = None
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"   # scale LRs with batch size / the optimizer's
+    optimizer_state: Literal["fresh", "carry"] = "fresh"      # carry: keep the same optimizer's state
     optimizer: Optional[dict[str, Any]] = None
     schedule: list[dict[str, Any]] = []
     losses: Optional[list[dict[str, Any]]] = None
@@ -108,8 +123,13 @@ class Recipe(_Strict):
         """The grouping used by the optimizer that phase i builds (its own, else the global one)."""
         return self.phases[i].param_groups or self.param_groups
 
-    def batch_size(self, i: int) -> int:
-        return next(p.batch_size for p in reversed(self.phases[:i + 1]) if p.batch_size is not None)
+    def batch_size(self, i: int, epoch: int = 0) -> int:
+        """Phase i's batch size in its epoch `epoch`; a phase without one continues with the previous
+        phase's last batch size."""
+        spec = self.phases[i].batch_size
+        if spec is None:
+            return self.batch_size(i - 1, 10 ** 6)
+        return spec if isinstance(spec, int) else spec.at(epoch)
 
     def losses(self, i: int) -> list[dict]:
         for p in reversed(self.phases[:i + 1]):
@@ -283,6 +303,15 @@ def validate_recipe(raw: dict) -> Recipe:
         if phase.name is not None and phase.name in names:
             raise ConfigError(f"{path}.name", f"phase name '{phase.name}' is used twice")
         names.add(phase.name)
+        if isinstance(phase.batch_size, int) and phase.batch_size < 1:
+            raise ConfigError(f"{path}.batch_size", f"must be greater than 0 (got {phase.batch_size})")
+        if isinstance(phase.batch_size, BatchSizeSchedule) and phase.batch_size.end < phase.batch_size.start:
+            raise ConfigError(f"{path}.batch_size.end", "must be at least `start`")
+        if phase.optimizer_state == "carry":
+            previous = recipe.phases[recipe.active_optimizer_phase(i - 1)].optimizer if i > 0 else None
+            if phase.optimizer is None or previous is None or previous["name"] != phase.optimizer["name"]:
+                raise ConfigError(f"{path}.optimizer_state", "`carry` keeps the previous optimizer's state, so "
+                                  "this phase must name the same optimizer as the one before it")
         if phase.optimizer is not None:
             phase.optimizer = component(OPTIMIZERS, phase.optimizer, f"{path}.optimizer")
         elif phase.param_groups is not None:

@@ -28,7 +28,7 @@ from .methods import HOOKS, Method
 from .optim.param_groups import apply_lr_mult, param_groups
 from .recipe import Recipe, load_recipe
 from .registry import LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
-from .schedules import compose
+from .schedules import Clock, Schedule
 from .tasks import LossTerm
 
 CHECKPOINT_FORMAT = 1
@@ -63,6 +63,8 @@ class TrainState:
     epochs_done: float = 0.0         # completed epochs in finished phases
     stop_reason: str | None = None
     eval_model: nn.Module | None = None
+    schedule: Any = None             # the current phase's torchdojo.schedules.Schedule
+    run_dir: Path | None = None
     step_logs: dict[str, Any] = field(default_factory=dict)   # scalars methods want logged
 
     @property
@@ -96,6 +98,15 @@ def _set_rng_state(rng: dict) -> None:
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in rng["python"]))
     kind, keys, *rest = rng["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def carry_state(previous: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Give `new` the per-parameter state of `previous` (same optimizer class and groups), keeping the
+    new phase's hyperparameters (lr, weight decay, ...)."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in new.param_groups]
+    new.load_state_dict(previous.state_dict())
+    for group, settings in zip(new.param_groups, hyper):
+        group.update(settings)
 
 
 def _named(model: nn.Module, modules: list[nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -163,7 +174,7 @@ class Trainer:
         self.methods: list[Method] = [METHODS.build(m, f"methods.{i}") for i, m in enumerate(recipe.methods)]
         # Only hooks a method overrides are called: unused hooks cost nothing in the step.
         self.hooks = {h: [m for m in self.methods if getattr(type(m), h) is not getattr(Method, h)] for h in HOOKS}
-        self.state = TrainState(recipe, model, data.to(self.device), task, self.device)
+        self.state = TrainState(recipe, model, data.to(self.device), task, self.device, run_dir=self.run_dir)
         # Parameter names frozen in each phase, known up front so groups never appear mid-run.
         self._frozen_by_phase = {
             recipe.phase_name(i): {f"{prefix}.{n}" if prefix else n
@@ -187,16 +198,16 @@ class Trainer:
 
     # -- building pieces -------------------------------------------------------------------------
 
-    def _phase_length(self, i: int) -> tuple[int, int]:
-        """(steps in phase i, steps per epoch at its batch size)."""
+    def _phase_length(self, i: int) -> tuple[int, Clock]:
+        """(steps in phase i, its Clock: steps in each of its epochs at that epoch's batch size)."""
         phase = self.recipe.phases[i]
-        per_epoch = len(self.train_loader(i))
-        steps = phase.steps if phase.steps is not None else max(1, round(phase.epochs * per_epoch))
-        return steps, per_epoch
+        clock = Clock(lambda k: len(self.train_loader(i, k)))
+        steps = phase.steps if phase.steps is not None else max(1, clock.steps_at(phase.epochs))
+        return steps, clock
 
-    def train_loader(self, i: int) -> TensorLoader:
-        """The shuffled training batches of phase i (at its batch size)."""
-        return TensorLoader(self.state.data.train, self.recipe.batch_size(i), shuffle=True,
+    def train_loader(self, i: int, epoch: int = 0) -> TensorLoader:
+        """The shuffled training batches of phase i in its epoch `epoch` (at that epoch's batch size)."""
+        return TensorLoader(self.state.data.train, self.recipe.batch_size(i, epoch), shuffle=True,
                             seed=self.recipe.seed * 100 + i, drop_last=True)
 
     def _eval_loader(self, split: str) -> TensorLoader:
@@ -206,7 +217,7 @@ class Trainer:
         """Build what phase i uses: optimizer (if it switches), loader, schedule, losses, frozen parts."""
         s, phase = self.state, self.recipe.phases[i]
         s.phase_index, s.phase_name = i, self.recipe.phase_name(i)
-        s.phase_steps, s.steps_per_epoch = self.phase_plan[i]
+        s.phase_steps, clock = self.phase_plan[i]
         path = f"phases.{i}"
         for p in s.model.parameters():
             p.requires_grad_(True)
@@ -216,22 +227,45 @@ class Trainer:
             m.requires_grad_(False)
         opt_phase = self.recipe.active_optimizer_phase(i)
         if opt_phase != self._optimizer_phase:
-            # A phase that names an optimizer starts it fresh; one that does not keeps the current one.
+            # A phase that names an optimizer starts it fresh (or carries the same optimizer's state);
+            # one that does not keeps the current one.
+            previous = s.optimizer
             s.optimizer = self.build_optimizer(opt_phase)
+            if phase.optimizer_state == "carry" and previous is not None:
+                carry_state(previous, s.optimizer)
             self._optimizer_phase = opt_phase
         # Frozen groups run at lr 0 (and get no gradient); unfreezing restores them: no group is added.
         frozen_names = self._frozen_by_phase[s.phase_name]
         frozen_ids = {id(p) for n, p in s.model.named_parameters() if n in frozen_names}
-        self._base_lrs = [0.0 if g["params"] and all(id(p) in frozen_ids for p in g["params"]) else g["initial_lr"]
-                          for g in s.optimizer.param_groups]
+        self._group_base = [0.0 if g["params"] and all(id(p) in frozen_ids for p in g["params"]) else g["initial_lr"]
+                            for g in s.optimizer.param_groups]
         try:
             segments = [SCHEDULES.build(spec, f"{path}.schedule.{j}") for j, spec in enumerate(phase.schedule)]
-            self._schedule = compose(segments, s.phase_steps, s.steps_per_epoch)
+            s.schedule = self._schedule = Schedule(segments, s.phase_steps, clock)
         except ValueError as exc:
             raise ConfigError(f"{path}.schedule", str(exc)) from None
+        self._has_lr_floor = any(seg.plateau is not None and seg.plateau.min_lr > 0 for seg in segments)
         self._loss_terms = self._build_losses(i)
-        s.loader = self.train_loader(i)
+        self._start_epoch()
         self._set_train_mode()
+
+    def _start_epoch(self) -> None:
+        """The loader (and, with lr_scaling, the base LRs) for the current epoch's batch size."""
+        s, i = self.state, self.state.phase_index
+        s.loader = self.train_loader(i, s.epoch_in_phase)
+        s.steps_per_epoch = len(s.loader)
+        factor = self.lr_scale(i, s.epoch_in_phase)
+        self._base_lrs = [base * factor for base in self._group_base]
+
+    def lr_scale(self, i: int, epoch: int) -> float:
+        """The `lr_scaling` factor of phase i in an epoch: its batch size over the batch size the active
+        optimizer's LR was set for (linear: Goyal et al. 2017, arXiv 1706.02677; sqrt: Krizhevsky 2014,
+        arXiv 1404.5997)."""
+        mode = self.recipe.phases[i].lr_scaling
+        if mode == "none":
+            return 1.0
+        ratio = self.recipe.batch_size(i, epoch) / self.recipe.batch_size(self.recipe.active_optimizer_phase(i), 0)
+        return ratio if mode == "linear" else ratio ** 0.5
 
     def build_optimizer(self, i: int) -> torch.optim.Optimizer:
         """The optimizer phase i names, over the recipe's parameter groups (lr scaled by each group's
@@ -309,9 +343,9 @@ class Trainer:
         log_every = self.recipe.log.every_steps
         parts: dict = {}
         while s.step_in_phase < s.phase_steps and s.stop_reason is None:
+            self._start_epoch()
             for batch in s.loader.epoch(s.epoch_in_phase, start=s.batch_in_epoch):
                 loss, parts = self._train_step(batch)
-                s.batch_in_epoch += 1
                 self._meter.add(loss, len(batch["x"]))
                 if s.step % log_every == 0:
                     self._log_train(parts)
@@ -338,8 +372,13 @@ class Trainer:
     def _train_step(self, batch: dict):
         s = self.state
         mult = self._schedule(s.step_in_phase)
-        for group, base in zip(s.optimizer.param_groups, self._base_lrs):
-            group["lr"] = base * mult
+        if self._has_lr_floor:
+            floor = self._schedule.min_lr(s.step_in_phase)
+            for group, base in zip(s.optimizer.param_groups, self._base_lrs):
+                group["lr"] = max(base * mult, floor) if base > 0 else 0.0
+        else:
+            for group, base in zip(s.optimizer.param_groups, self._base_lrs):
+                group["lr"] = base * mult
         for m in self.hooks["on_batch"]:
             batch = m.on_batch(s, batch)
         loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)
@@ -352,6 +391,7 @@ class Trainer:
         s.optimizer.step()
         s.step += 1
         s.step_in_phase += 1
+        s.batch_in_epoch += 1
         for m in self.hooks["on_step_end"]:
             m.on_step_end(s)
         return loss.detach(), parts
@@ -381,6 +421,12 @@ class Trainer:
         metrics = self.evaluate("val", s.eval_model)
         for m in self.hooks["on_eval_end"]:
             m.on_eval_end(s, metrics)
+        try:
+            if self._schedule.observe(s.step_in_phase, metrics):
+                self.reporter.message(f"plateau: LR multiplier now {self._schedule(s.step_in_phase):.3g} "
+                                      f"at step {s.step}")
+        except ValueError as exc:
+            raise ConfigError(f"phases.{s.phase_index}.schedule", str(exc)) from None
         self._last_eval_step, self._last_val = s.step, metrics
         entry = {"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics}
         if self._run is not None:
@@ -456,6 +502,7 @@ class Trainer:
                 "optimizer": s.optimizer.state_dict(), "methods": [m.state_dict() for m in self.methods],
                 "rng": _rng_state(), "last_eval_step": self._last_eval_step,
                 "loss_meter": self._meter.state_dict(), "metrics_lines": self._lines_logged(),
+                "schedule": self._schedule.state_dict(),
                 "wall_seconds": self._wall_before + time.perf_counter() - t_start}
 
     def _save_checkpoint(self, t_start: float) -> None:
@@ -506,6 +553,7 @@ class Trainer:
         s.batch_in_epoch, s.epochs_done = state["batch_in_epoch"], state["epochs_done"]
         s.optimizer.load_state_dict(state["optimizer"])
         self._meter.load_state_dict(state["loss_meter"])
+        self._schedule.load_state_dict(state["schedule"])
         for m, sd in zip(self.methods, state["methods"]):
             m.load_state_dict(sd)
         _set_rng_state(state["rng"])
