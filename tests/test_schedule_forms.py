@@ -258,17 +258,19 @@ def test_cosine_restarts_cycle_epochs_with_clocks():
     assert restarts(got) == [15]
 
 
-def test_cycle_ends_lists_the_last_step_of_each_cycle():
+def test_cycle_ends_count_the_steps_done_when_each_cycle_has_ended():
+    # cycle_ends() is compared with the trainer's step_in_phase after a step: cycle k's last step has
+    # index end - 1 and the next cycle restarts at index end.
     s = compose([cosine_restarts(cycles=4)], 40)
-    assert s.cycle_ends() == [9, 19, 29, 39]
-    # Offset by a preceding warmup; the last one is the phase's last step.
+    assert s.cycle_ends() == [10, 20, 30, 40]
+    # Offset by a preceding warmup; the last one equals the phase length.
     s = compose([warmup(steps=5), cosine_restarts(cycles=4)], 45)
     ends = s.cycle_ends()
-    assert ends == [14, 24, 34, 44]
+    assert ends == [15, 25, 35, 45]
     got = values(s, 45)
     for e in ends[:-1]:
-        assert got[e + 1] == 1.0 and got[e] < got[e + 1]                     # the next step restarts
-    assert ends[-1] == 44 < 45
+        assert got[e] == 1.0 and got[e - 1] < got[e]                         # the next step restarts
+    assert ends[-1] == 45
 
 
 def test_cycle_ends_with_cycle_mult_and_epochs():

@@ -248,5 +248,10 @@ def datasets():
     Console().print(table)
 
 
+from .lr_find import lr_find_command  # noqa: E402  (lr_find looks up handle_errors when run)
+
+main.add_command(lr_find_command)
+
+
 if __name__ == "__main__":
     main()

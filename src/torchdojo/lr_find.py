@@ -11,8 +11,8 @@ exceeds `diverge_factor` times its best value (or is no longer finite).
     result = lr_find(load_recipe("quickstart"), "lr_find")
     result["suggested"]          # {"steepest": ..., "min_over_10": ...}
 
-The sweep uses the first phase as it trains: its model, data, batch size, losses, frozen modules and
-optimizer over its parameter groups. Every group's LR is set to `initial_lr / max initial_lr * lr`, so
+The sweep uses the first phase as it trains: its model, data, batch size (that of its first epoch, if
+the batch size is scheduled), losses, frozen modules and optimizer over its parameter groups. Every group's LR is set to `initial_lr / max initial_lr * lr`, so
 the swept `lr` is the LR of the fastest group and discriminative (`lr_mult`, layer-decay) ratios are
 kept; frozen groups stay at 0. The schedule and the recipe's methods (EMA, gradient clipping, ...) are
 not applied: the sweep measures the plain objective under the optimizer alone.
@@ -132,7 +132,7 @@ def lr_find(recipe: "Recipe | str | dict", out_dir: str | Path, *, start_lr: flo
     if not top > 0:
         raise DojoError("lr-find: every parameter group of the first phase is frozen or has lr 0")
     ratios = [b / top for b in bases]
-    loader = trainer.train_loader(0)
+    loader = trainer.train_loader(0)                  # the first epoch's batch size, kept throughout
     terms = trainer._build_losses(0)
     model.train()
     for m in frozen:

@@ -135,15 +135,24 @@ def cosine_restarts(cycles: int | None = None, cycle_steps: int | None = None, c
             start = end
         return ends
 
+    cache: dict = {}
+
+    def cached_bounds(n: int, epochs_since) -> list[int]:
+        key = (n, id(epochs_since))
+        if key not in cache:
+            cache[key] = bounds(n, epochs_since)
+        return cache[key]
+
     def fn(t: int, n: int, epochs_since) -> float:
+        ends = cached_bounds(n, epochs_since)
         start = 0
-        for i, end in enumerate(bounds(n, epochs_since)):
-            if t < end or i == len(bounds(n, epochs_since)) - 1:
+        for i, end in enumerate(ends):
+            if t < end or i == len(ends) - 1:
                 return _cosine(t - start, end - start, peak_decay ** i, min_factor)
             start = end
         return min_factor
 
-    return Segment(fn, steps, epochs, cycle_ends=bounds)
+    return Segment(fn, steps, epochs, cycle_ends=cached_bounds)
 
 
 def _steps_after(epochs_since: Callable[[int], float], start: int, span: float, limit: int) -> int:
@@ -259,6 +268,8 @@ def plateau(monitor: str = "val/loss", mode: Literal["min", "max"] = "min", fact
     `patience`-th bad evaluation (torch's patience p equals ours p + 1)."""
     if not 0.0 < factor < 1.0 or patience < 1 or cooldown < 0:
         raise ValueError("plateau: 0 < factor < 1, patience >= 1, cooldown >= 0")
+    if mode not in ("min", "max") or threshold_mode not in ("rel", "abs"):
+        raise ValueError("plateau: mode is 'min' or 'max', threshold_mode 'rel' or 'abs'")
     state = Plateau(monitor, mode, factor, patience, threshold, threshold_mode, cooldown, min_lr)
     return Segment(lambda t, n, e: state.scale, steps, epochs, plateau=state)
 
@@ -279,22 +290,35 @@ class Schedule:
     def __init__(self, segments: list[Segment], total_steps: int, clock: Clock | int = 1):
         self.segments = list(segments)
         self.clock = clock if isinstance(clock, Clock) else Clock(clock)
-        lengths: list[int | None] = []
-        start = 0
-        for seg in self.segments:
-            if seg.epochs is not None:
-                n = max(1, self.clock.steps_at(self.clock.epoch_at(start) + seg.epochs) - start)
-            else:
-                n = seg.steps
-            lengths.append(n)
-            start += n or 0
-        open_ended = [i for i, n in enumerate(lengths) if n is None]
+        open_ended = [i for i, seg in enumerate(self.segments) if seg.steps is None and seg.epochs is None]
         if len(open_ended) > 1:
             raise ValueError("only one schedule segment may omit its length (it fills the rest of the phase)")
+        fill = open_ended[0] if open_ended else len(self.segments)
+        lengths: list[int] = [0] * len(self.segments)
+        # Segments before the open-ended one are laid out from the phase start, those after it back
+        # from the phase end, so an epoch-long segment spans the epochs where it really lies.
+        start = 0
+        for i in range(fill):
+            lengths[i] = self._length(self.segments[i], start, forward=True)
+            start += lengths[i]
         if open_ended:
-            lengths[open_ended[0]] = max(1, total_steps - sum(n for n in lengths if n is not None))
+            end = total_steps
+            for i in reversed(range(fill + 1, len(self.segments))):
+                lengths[i] = self._length(self.segments[i], end, forward=False)
+                end -= lengths[i]
+            lengths[fill] = max(1, end - start)
         self.lengths = lengths
         self.starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        self._since = [self._epochs_since(s) for s in self.starts]
+
+    def _length(self, seg: Segment, at: int, forward: bool) -> int:
+        """Steps of a segment starting (forward) or ending (not forward) at step `at`."""
+        if seg.epochs is None:
+            return seg.steps
+        e = self.clock.epoch_at(at)
+        if forward:
+            return max(1, self.clock.steps_at(e + seg.epochs) - at)
+        return max(1, at - self.clock.steps_at(max(0.0, e - seg.epochs)))
 
     def _epochs_since(self, start: int) -> Callable[[int], float]:
         e0 = self.clock.epoch_at(start)
@@ -313,7 +337,7 @@ class Schedule:
         local = t - self.starts[i]
         if i == len(self.segments) - 1:
             local = min(local, self.lengths[i] - 1)     # past the end, the final value holds
-        return self.segments[i].fn(local, self.lengths[i], self._epochs_since(self.starts[i]))
+        return self.segments[i].fn(local, self.lengths[i], self._since[i])
 
     def min_lr(self, t: int) -> float:
         """The absolute LR floor at step t (a plateau segment's `min_lr`), else 0."""
@@ -335,11 +359,12 @@ class Schedule:
         return seg.plateau.observe(float(metrics[seg.plateau.monitor]))
 
     def cycle_ends(self) -> list[int]:
-        """Phase steps at which a cosine_restarts cycle ends (the last step of each cycle counts)."""
+        """For each cosine_restarts cycle, the number of phase steps done when it has ended (so its last
+        step is at index end - 1): compare with the trainer's `step_in_phase` after a step."""
         ends = []
-        for seg, start, n in zip(self.segments, self.starts, self.lengths):
+        for seg, start, n, since in zip(self.segments, self.starts, self.lengths, self._since):
             if seg.cycle_ends is not None:
-                ends += [start + e for e in seg.cycle_ends(n, self._epochs_since(start))]
+                ends += [start + e for e in seg.cycle_ends(n, since)]
         return ends
 
     def state_dict(self) -> dict:
@@ -356,9 +381,32 @@ def compose(segments: list[Segment], total_steps: int, steps_per_epoch: int | Cl
     return Schedule(segments, total_steps, steps_per_epoch)
 
 
+class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
+    """torch's LambdaLR over a Schedule, honouring a plateau's `min_lr` and saving the plateau state."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule):
+        self.schedule = schedule
+        super().__init__(optimizer, schedule)
+
+    def get_lr(self) -> list[float]:
+        t = self.last_epoch
+        mult, floor = self.schedule(t), self.schedule.min_lr(t)
+        return [max(base * mult, floor) if base > 0 else 0.0 for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas", "schedule")}
+        state["schedule"] = self.schedule.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        self.schedule.load_state_dict(state.pop("schedule"))
+        self.__dict__.update(state)
+
+
 def as_lambda_lr(optimizer: torch.optim.Optimizer, segments: list[Segment], total_steps: int,
-                 steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
-    """A torch LambdaLR driven by joined segments; call `.step()` after each optimizer step. With a
-    plateau segment, also call `scheduler.lr_lambdas[0].observe(step, {"val/loss": value})` after
-    each evaluation."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, compose(segments, total_steps, steps_per_epoch))
+                 steps_per_epoch: int = 1) -> ScheduleLR:
+    """A torch LR scheduler (a LambdaLR) driven by joined segments; call `.step()` after each optimizer
+    step. With a plateau segment, also call `scheduler.schedule.observe(step, {"val/loss": value})`
+    (or `scheduler.lr_lambdas[0].observe(...)`) after each evaluation."""
+    return ScheduleLR(optimizer, compose(segments, total_steps, steps_per_epoch))

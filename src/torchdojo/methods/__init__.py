@@ -4,7 +4,11 @@ from .base import HOOKS, Method
 from .early_stopping import EarlyStopping
 from .ema import EMA, ema_update
 from .grad_clip import GradClip
+from .snapshot import SnapshotEnsemble
+from .swa import SWA, recompute_bn, swa_update
 
-METHODS = {"grad_clip": GradClip, "ema": EMA, "early_stopping": EarlyStopping}
+METHODS = {"grad_clip": GradClip, "ema": EMA, "early_stopping": EarlyStopping, "swa": SWA,
+           "snapshot_ensemble": SnapshotEnsemble}
 
-__all__ = ["HOOKS", "METHODS", "Method", "EMA", "ema_update", "EarlyStopping", "GradClip"]
+__all__ = ["HOOKS", "METHODS", "Method", "EMA", "ema_update", "EarlyStopping", "GradClip", "SWA", "swa_update",
+           "recompute_bn", "SnapshotEnsemble"]

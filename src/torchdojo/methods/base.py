@@ -40,6 +40,11 @@ class Method:
         """Return the final model, which is tested and saved."""
         return model
 
+    def on_models(self, state, models: dict) -> dict:
+        """Return the named models that final evaluation, `dojo eval` and `dojo predict` report; the
+        final model is named "" (metrics `test/accuracy`), others add `test/<name>/accuracy`."""
+        return models
+
     def state_dict(self) -> dict:
         return {}
 

@@ -1,0 +1,89 @@
+"""Stochastic weight averaging (Izmailov et al. 2018, arXiv 1803.05407): average the weights visited
+late in training, then recompute BatchNorm statistics for the averaged weights."""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .base import Method
+
+
+@torch.no_grad()
+def swa_update(average: nn.Module, model: nn.Module, n_averaged: int) -> None:
+    """average <- average + (model - average) / (n_averaged + 1): the running mean of the parameters.
+    Buffers are copied (BatchNorm statistics are recomputed at the end instead)."""
+    for a, p in zip(average.parameters(), model.parameters()):
+        a.lerp_(p.detach(), 1.0 / (n_averaged + 1))
+    for a, b in zip(average.buffers(), model.buffers()):
+        a.copy_(b)
+
+
+@torch.no_grad()
+def recompute_bn(model: nn.Module, inputs: Iterable[torch.Tensor]) -> None:
+    """Reset every BatchNorm layer and fill its running statistics with the exact mean and variance
+    over `inputs` (one pass in train mode, cumulative averaging)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                 # cumulative moving average over all batches
+    was_training = model.training
+    model.train()
+    for x in inputs:
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+class SWA(Method):
+    """Average the weights in `phase` (default: the last phase) at the end of every epoch, or every
+    `every_steps` steps, and at the phase's last step; the final model is the average, with BatchNorm
+    statistics recomputed on the training data (`bn_update`)."""
+
+    def __init__(self, phase: Optional[str] = None, every_steps: Optional[int] = None, bn_update: bool = True):
+        if every_steps is not None and every_steps < 1:
+            raise ValueError("every_steps must be at least 1")
+        self.phase, self.every_steps, self.bn_update = phase, every_steps, bn_update
+        self.average: nn.Module | None = None
+        self.n_averaged = 0
+
+    def on_fit_start(self, state) -> None:
+        names = [state.recipe.phase_name(i) for i in range(len(state.recipe.phases))]
+        if self.phase is None:
+            self.phase = names[-1]
+        elif self.phase not in names:
+            from ..errors import ConfigError, did_you_mean
+            raise ConfigError("methods", f"swa: no phase '{self.phase}'{did_you_mean(self.phase, names)}")
+        self.average = copy.deepcopy(state.model).requires_grad_(False)
+        self.n_averaged = 0
+
+    def on_step_end(self, state) -> None:
+        if state.phase_name != self.phase:
+            return
+        if self.every_steps is not None:
+            due = state.step_in_phase % self.every_steps == 0
+        else:
+            due = state.batch_in_epoch == state.steps_per_epoch
+        if due or state.step_in_phase == state.phase_steps:
+            swa_update(self.average, state.model, self.n_averaged)
+            self.n_averaged += 1
+
+    def on_fit_end(self, state, model):
+        if self.n_averaged == 0:
+            return model
+        if self.bn_update:
+            recompute_bn(self.average, (batch["x"] for batch in state.loader.epoch(0)))
+        return self.average.eval()
+
+    def state_dict(self) -> dict:
+        return {"average": self.average.state_dict(), "n_averaged": self.n_averaged}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average.load_state_dict(state["average"])
+        self.n_averaged = state["n_averaged"]
