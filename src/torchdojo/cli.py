@@ -95,7 +95,7 @@ def _load_for_inference(run_dir: str):
     from .trainer import Trainer
 
     trainer = Trainer.from_run_dir(run_dir, quiet=True)
-    return trainer, trainer.trained_model()
+    return trainer, trainer.trained_models()
 
 
 @main.command("eval")
@@ -106,10 +106,11 @@ def eval_(run_dir, split):
     """Print the metrics of a run's final model (or latest checkpoint) on a split."""
     from .log import print_metrics_table
 
-    trainer, model = _load_for_inference(run_dir)
+    trainer, models = _load_for_inference(run_dir)
     metrics = {}
-    for name in (["train", "val", "test"] if split == "all" else [split]):
-        metrics.update(trainer.evaluate(name, model))
+    for split_name in (["train", "val", "test"] if split == "all" else [split]):
+        for name, model in models.items():
+            metrics.update(trainer.evaluate(split_name, model, name))
     print_metrics_table(metrics, f"{trainer.recipe.name}: {run_dir}")
 
 
@@ -125,12 +126,15 @@ def predict(run_dir, input_path, output_path):
     import numpy as np
     import torch
 
-    trainer, model = _load_for_inference(run_dir)
+    trainer, models = _load_for_inference(run_dir)
     info = trainer.state.data.info
     x = _read_inputs(input_path, info)
     tensor = info.prepare(x).to(trainer.device)
+    columns: dict[str, list] = {}
     with torch.no_grad():
-        columns = trainer.state.task.predict(model, tensor, info)
+        for name, model in models.items():     # the final model, then e.g. "ensemble/prediction"
+            for col, values in trainer.state.task.predict(model, tensor, info).items():
+                columns[f"{name}/{col}" if name else col] = values
     out = sys.stdout if output_path == "-" else open(output_path, "w", newline="")
     try:
         writer = csv.writer(out)

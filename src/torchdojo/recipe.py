@@ -62,7 +62,11 @@ class BatchSizeSchedule(_Strict):
     factor: float = Field(2.0, gt=1)
 
     def at(self, epoch: int) -> int:
-        return min(self.end, round(self.start * self.factor ** math.floor(epoch / self.every_epochs + 1e-9)))
+        growths = math.floor(epoch / self.every_epochs + 1e-9)
+        # Past log(end/start)/log(factor) growths the batch is at `end`; no need to raise to huge powers.
+        if growths >= math.log(self.end / self.start) / math.log(self.factor):
+            return self.end
+        return min(self.end, round(self.start * self.factor ** growths))
 
 
 class PhaseSpec(_Strict):

@@ -96,6 +96,9 @@ class Registry:
             raise ConfigError(path, f"expected a mapping with a 'name' key naming a {self.kind}; "
                                     f"choose one of: {choices_text(self._entries)}")
         entry = self.get(spec["name"], f"{path}.name" if path else "name")
+        if "name" in entry.option_names():
+            raise ValueError(f"{self.kind} '{entry.name}' has an option called 'name', which recipes use to "
+                             "pick the component; rename the option")
         options = {k: v for k, v in spec.items() if k != "name" and k not in extra_keys}
         schema = entry.schema()
         try:

@@ -404,8 +404,9 @@ class Trainer:
             model = m.on_eval_model(self.state, model)
         return model
 
-    def evaluate(self, split: str, model: nn.Module | None = None) -> dict[str, float]:
-        """Metrics of `model` (default: the evaluation model) on a split, named `split/metric`."""
+    def evaluate(self, split: str, model: nn.Module | None = None, name: str = "") -> dict[str, float]:
+        """Metrics of `model` (default: the evaluation model) on a split, named `split/metric`, or
+        `split/name/metric` for a named model such as an ensemble."""
         s = self.state
         model = model if model is not None else self.eval_model()
         was_training = s.model.training
@@ -413,7 +414,15 @@ class Trainer:
         metrics = s.task.evaluate(model, self._eval_loader(split), s.data.info)
         if was_training:
             self._set_train_mode()
-        return {f"{split}/{k}": v for k, v in metrics.items()}
+        prefix = f"{split}/{name}/" if name else f"{split}/"
+        return {prefix + k: v for k, v in metrics.items()}
+
+    def named_models(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The final model (named "") and what methods add (e.g. "ensemble" from snapshot_ensemble)."""
+        models = {"": model}
+        for m in self.hooks["on_models"]:
+            models = m.on_models(self.state, models)
+        return models
 
     def _validate(self) -> None:
         s = self.state
@@ -462,10 +471,14 @@ class Trainer:
         if s.stop_reason:
             self.reporter.message(s.stop_reason)
         model = self.final_model()
+        models = self.named_models(model)
         # The last validation already measured this model unless a method replaced it at the end.
         same_model = not self.hooks["on_fit_end"] and self._last_eval_step == s.step and self._last_val
-        val = self._last_val if same_model else self.evaluate("val", model)
-        metrics = {**val, **self.evaluate("test", model)}
+        metrics = {}
+        for split in ("val", "test"):
+            for name, m in models.items():
+                reuse = split == "val" and name == "" and same_model
+                metrics.update(self._last_val if reuse else self.evaluate(split, m, name))
         wall = self._wall_before + time.perf_counter() - t_start
         summary = {"recipe": self.recipe.name, "status": "finished", "metrics": metrics, "steps": s.step,
                    "epochs": round(s.epoch, 4), "wall_seconds": round(wall, 3), "stop_reason": s.stop_reason}
@@ -530,20 +543,22 @@ class Trainer:
         """The step of the checkpoint loaded to resume from, if any."""
         return self._resume_from[1]["step"] if self._resume_from is not None else None
 
-    def trained_model(self) -> nn.Module:
+    def trained_models(self) -> dict[str, nn.Module]:
         """For eval/predict: a finished run's final weights, else the latest checkpoint's final model
-        (with the methods' state, e.g. EMA weights), in eval mode."""
+        (with the methods' state, e.g. EMA weights), plus the named models methods add; in eval mode."""
         final = self.run_dir / "checkpoints" / "final" / WEIGHTS if self.run_dir else None
         if final is not None and final.is_file():
             self.state.model.load_state_dict(load_file(str(final)))
-            return self.state.model.eval()
-        if self._resume_from is None:
+            model = self.state.model
+        elif self._resume_from is None:
             raise DojoError(f"{self.run_dir} has neither a final model nor a checkpoint")
-        for m in self.hooks["on_fit_start"]:
-            m.on_fit_start(self.state)
-        for m, sd in zip(self.methods, self._resume_from[1]["methods"]):
-            m.load_state_dict(sd)
-        return self.final_model().eval()
+        else:
+            for m in self.hooks["on_fit_start"]:
+                m.on_fit_start(self.state)
+            for m, sd in zip(self.methods, self._resume_from[1]["methods"]):
+                m.load_state_dict(sd)
+            model = self.final_model()
+        return {name: m.eval() for name, m in self.named_models(model).items()}
 
     def _restore_state(self) -> None:
         """Called inside `fit` once the resumed phase's optimizer and loader exist."""

@@ -23,11 +23,11 @@ def snapshot_files(run_dir: Path) -> list[Path]:
 class SnapshotEnsemble(Method):
     """Save the weights at the end of each `cosine_restarts` cycle (of `phase`, default every phase that
     has one) into `checkpoints/snapshots/`; evaluation and prediction then also report the ensemble of
-    the snapshots (mean of softmax probabilities by default) as `<split>/<name>/<metric>`."""
+    the snapshots (mean of softmax probabilities by default) as `<split>/<label>/<metric>`."""
 
     def __init__(self, phase: Optional[str] = None, how: Literal["mean_prob", "mean_logprob", "mean"] = "mean_prob",
-                 name: str = "ensemble"):
-        self.phase, self.how, self.name = phase, how, name
+                 label: str = "ensemble"):
+        self.phase, self.how, self.label = phase, how, label
         self.snapshots: list[dict[str, torch.Tensor]] = []
         self._ends: set[int] = set()
 
@@ -66,7 +66,7 @@ class SnapshotEnsemble(Method):
             member = copy.deepcopy(state.model)
             member.load_state_dict(weights)
             members.append(member.eval())
-        return {**models, self.name: Ensemble(members, self.how)}
+        return {**models, self.label: Ensemble(members, self.how)}
 
     def state_dict(self) -> dict:
         return {"snapshots": self.snapshots}

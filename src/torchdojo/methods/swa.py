@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ..data import TensorLoader
 from .base import Method
 
 
@@ -78,7 +79,8 @@ class SWA(Method):
         if self.n_averaged == 0:
             return model
         if self.bn_update:
-            recompute_bn(self.average, (batch["x"] for batch in state.loader.epoch(0)))
+            loader = TensorLoader(state.data.train, batch_size=256)
+            recompute_bn(self.average, (batch["x"] for batch in loader))
         return self.average.eval()
 
     def state_dict(self) -> dict:
