@@ -2,34 +2,16 @@
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
+from .cli_errors import handle_errors
 from .errors import DojoError
-
-
-def _fail(message: str, code: int = 2):
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn):
-    """User errors become one line on stderr and exit code 2; interrupts exit 130/143."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .trainer import Interrupted
-        try:
-            return fn(*args, **kwargs)
-        except DojoError as exc:
-            _fail(str(exc))
-        except Interrupted as exc:
-            click.echo(f"\n{exc}", err=True)
-            sys.exit(exc.exit_code)
-    return wrapper
+from .lr_find import lr_find_command
+from .plot_schedule import plot_schedule_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -26,7 +26,6 @@ Two suggestions are reported (both are heuristics: look at the plot):
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .cli_errors import handle_errors
 from .errors import DojoError
 
 if TYPE_CHECKING:
@@ -256,16 +256,6 @@ def _plot(result: dict, path: Path) -> None:
         plt.close(fig)
 
 
-def _handle_errors(fn):
-    """torchdojo.cli.handle_errors, looked up when the command runs: cli.py imports this module to
-    register the command, so importing cli here at import time would be circular."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .cli import handle_errors
-        return handle_errors(fn)(*args, **kwargs)
-    return wrapper
-
-
 @click.command("lr-find", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
@@ -276,7 +266,7 @@ def _handle_errors(fn):
 @click.option("--steps", type=int, default=100, show_default=True,
               help="Number of LRs (one batch each) at most; the sweep stops early when the loss diverges.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the results.")
-@_handle_errors
+@handle_errors
 def lr_find_command(recipe, overrides, out_dir, start_lr, end_lr, steps, quiet):
     """Find a learning rate for RECIPE with the LR range test (Smith 2015, arXiv 1506.01186).
 

@@ -23,13 +23,13 @@ step that used `groups[label][k]`, so the values equal the `lr/group<i>` the tra
 (phase `p` covers the steps `p["start"] + 1` to `p["end"]`)."""
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from .cli_errors import handle_errors
 from .errors import ConfigError, DojoError
 
 if TYPE_CHECKING:
@@ -293,16 +293,6 @@ def plot_schedule(recipe: "Recipe", out_path: str | Path, plan: dict | None = No
     return plan
 
 
-def _handle_errors(fn):
-    """torchdojo.cli.handle_errors, looked up when the command runs: cli.py imports this module to
-    register the command, so importing cli here at import time would be circular."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .cli import handle_errors
-        return handle_errors(fn)(*args, **kwargs)
-    return wrapper
-
-
 def _fmt(lr: float | None) -> str:
     return "-" if lr is None else f"{lr:.3g}"
 
@@ -312,7 +302,7 @@ def _fmt(lr: float | None) -> str:
 @click.argument("overrides", nargs=-1)
 @click.option("--out", "out_path", default="lr.png", show_default=True, type=click.Path(dir_okay=False),
               help="The PNG to write.")
-@_handle_errors
+@handle_errors
 def plot_schedule_command(recipe, overrides, out_path):
     """Plot the learning rate of every parameter group over all phases of RECIPE, without training.
 
