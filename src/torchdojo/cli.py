@@ -234,10 +234,6 @@ def datasets():
     Console().print(table)
 
 
-from .lr_find import lr_find_command  # noqa: E402  (lr_find looks up handle_errors when run)
-
-from .plot_schedule import plot_schedule_command  # noqa: E402
-
 main.add_command(lr_find_command)
 main.add_command(plot_schedule_command)
 
