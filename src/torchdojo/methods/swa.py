@@ -24,22 +24,40 @@ def swa_update(average: nn.Module, model: nn.Module, n_averaged: int) -> None:
 
 @torch.no_grad()
 def recompute_bn(model: nn.Module, inputs: Iterable[torch.Tensor]) -> None:
-    """Reset every BatchNorm layer and fill its running statistics with the exact mean and variance
-    over `inputs` (one pass in train mode, cumulative averaging)."""
+    """Set every BatchNorm layer's running mean and (unbiased) variance to those of its inputs over one
+    pass through `inputs` in train mode, accumulated exactly in float64 over all batches (not an
+    average of per-batch statistics, which is off when batches differ in size)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None                 # cumulative moving average over all batches
+    totals: dict[nn.Module, list] = {m: [0.0, 0.0, 0] for m in norms}
+
+    def accumulate(module, args):
+        x = args[0].detach().double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        acc = totals[module]
+        acc[0] = acc[0] + x.sum(dims)
+        acc[1] = acc[1] + (x * x).sum(dims)
+        acc[2] += x.numel() // x.shape[1]
+
+    handles = [m.register_forward_pre_hook(accumulate) for m in norms]
     was_training = model.training
     model.train()
-    for x in inputs:
-        model(x)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(was_training)
+    try:
+        for x in inputs:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for m in norms:
+        total, total_sq, n = totals[m]
+        if n < 2:
+            continue
+        mean = total / n
+        var = (total_sq - n * mean * mean) / (n - 1)
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.clamp(min=0).to(m.running_var.dtype))
 
 
 class SWA(Method):
