@@ -329,12 +329,56 @@ def validate_recipe(raw: dict) -> Recipe:
     return recipe
 
 
+class LossWeightSchedule(_Strict):
+    """A loss term switched on later: 0 before `start_step`/`start_epoch` (counted over the whole run),
+    then ramped up to `value` over `ramp_steps`/`ramp_epochs`, linearly or along the sigmoid-shaped
+    curve exp(-5 (1 - x)^2) of Laine & Aila 2016 (arXiv 1610.02242)."""
+    value: float = 1.0
+    start_step: Optional[int] = Field(None, ge=0)
+    start_epoch: Optional[float] = Field(None, ge=0)
+    ramp_steps: Optional[int] = Field(None, ge=0)
+    ramp_epochs: Optional[float] = Field(None, ge=0)
+    shape: Literal["linear", "sigmoid"] = "linear"
+
+    @pydantic.model_validator(mode="after")
+    def _same_units(self):
+        if (self.start_step is None) == (self.start_epoch is None):
+            raise ValueError("give exactly one of start_step or start_epoch")
+        if (self.start_step is not None and self.ramp_epochs is not None) or \
+                (self.start_epoch is not None and self.ramp_steps is not None):
+            raise ValueError("give the start and the ramp in the same unit (steps or epochs)")
+        return self
+
+    def at(self, step: int, epoch: float) -> float:
+        """The weight for the step that follows `step` steps and `epoch` epochs of training."""
+        if self.start_step is not None:
+            progress, ramp = step - self.start_step, self.ramp_steps or 0
+        else:
+            progress, ramp = epoch - self.start_epoch, self.ramp_epochs or 0
+        if progress < 0:
+            return 0.0
+        if ramp == 0 or progress >= ramp:
+            return self.value
+        x = progress / ramp
+        return self.value * (x if self.shape == "linear" else math.exp(-5.0 * (1.0 - x) ** 2))
+
+
 def _loss_term(spec: dict, path: str) -> dict:
     options = LOSSES.validate(spec, path, extra_keys=("weight",))
     weight = spec.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise ConfigError(f"{path}.weight", f"a loss weight must be a number (got {weight!r})")
-    return {"name": spec["name"], **options, "weight": float(weight)}
+    if isinstance(weight, dict):
+        try:
+            weight = LossWeightSchedule.model_validate(weight).model_dump()
+        except pydantic.ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in (f"{path}.weight", *err["loc"]) if p != "")
+            raise ConfigError(where, err["msg"].removeprefix("Value error, ")) from None
+    elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ConfigError(f"{path}.weight", f"a loss weight must be a number or a schedule "
+                                            f"{{value, start_step|start_epoch, ramp_steps|ramp_epochs, shape}} (got {weight!r})")
+    else:
+        weight = float(weight)
+    return {"name": spec["name"], **options, "weight": weight}
 
 
 def load_recipe(source: str | dict, overrides: list[str] = ()) -> Recipe:

@@ -26,7 +26,7 @@ from .errors import ConfigError, DojoError, choices_text
 from .log import MetricsFile, Reporter
 from .methods import HOOKS, Method
 from .optim.param_groups import apply_lr_mult, param_groups
-from .recipe import Recipe, load_recipe
+from .recipe import LossWeightSchedule, Recipe, load_recipe
 from .registry import LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
 from .schedules import Clock, Schedule
 from .tasks import LossTerm
@@ -284,13 +284,19 @@ class Trainer:
         return optimizer
 
     def _build_losses(self, i: int) -> list[LossTerm]:
+        """Phase i's loss terms; terms with a weight schedule are listed in `self._weighted_terms`."""
         terms, seen = [], {}
+        self._weighted_terms: list[tuple[LossTerm, LossWeightSchedule]] = []
         for j, spec in enumerate(self.recipe.losses(i)):
             name = spec["name"]
             seen[name] = seen.get(name, 0) + 1
             label = name if seen[name] == 1 else f"{name}{seen[name]}"
             fn = LOSSES.build(spec, f"phases.{i}.losses.{j}", extra_keys=("weight",)).to(self.device)
-            terms.append(LossTerm(label, float(spec.get("weight", 1.0)), fn))
+            weight = spec.get("weight", 1.0)
+            term = LossTerm(label, float(weight) if not isinstance(weight, dict) else 0.0, fn)
+            if isinstance(weight, dict):
+                self._weighted_terms.append((term, LossWeightSchedule.model_validate(weight)))
+            terms.append(term)
         return terms
 
     def _set_train_mode(self) -> None:
@@ -379,6 +385,8 @@ class Trainer:
         else:
             for group, base in zip(s.optimizer.param_groups, self._base_lrs):
                 group["lr"] = base * mult
+        for term, schedule in self._weighted_terms:
+            term.weight = schedule.at(s.step, s.epoch)
         for m in self.hooks["on_batch"]:
             batch = m.on_batch(s, batch)
         loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)

@@ -23,9 +23,14 @@ def weighted_loss(out: torch.Tensor, target: torch.Tensor, terms: list[LossTerm]
     parts = {}
     total = None
     for term in terms:
+        if term.weight == 0.0:         # a term not switched on yet costs nothing and adds exactly 0
+            parts[term.name] = out.new_zeros(())
+            continue
         value = term.weight * term.fn(out, target)
         parts[term.name] = value.detach()
         total = value if total is None else total + value
+    if total is None:
+        raise ValueError("every loss term has weight 0 at this step; give one term a non-zero weight")
     return total, parts
 
 
