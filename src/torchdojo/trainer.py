@@ -292,6 +292,9 @@ class Trainer:
             seen[name] = seen.get(name, 0) + 1
             label = name if seen[name] == 1 else f"{name}{seen[name]}"
             fn = LOSSES.build(spec, f"phases.{i}.losses.{j}", extra_keys=("weight",)).to(self.device)
+            if getattr(fn, "reduction", "mean") == "none":
+                raise ConfigError(f"phases.{i}.losses.{j}.reduction", "a training loss must reduce to one number: "
+                                                                      "use mean or sum")
             weight = spec.get("weight", 1.0)
             term = LossTerm(label, float(weight) if not isinstance(weight, dict) else 0.0, fn)
             if isinstance(weight, dict):
