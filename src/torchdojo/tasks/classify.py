@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..calibration import brier_score, expected_calibration_error
 from .base import collect_outputs, weighted_loss
 
 
@@ -17,7 +18,8 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
 
 
 class Classify:
-    """Multi-class classification with a softmax over the model's outputs."""
+    """Multi-class classification with a softmax over the model's outputs. Metrics: accuracy, macro-F1,
+    NLL (= loss), expected calibration error (15 bins) and Brier score."""
     task_type = "classification"
     default_losses = [{"name": "cross_entropy"}]
 
@@ -28,8 +30,10 @@ class Classify:
         logits, y = collect_outputs(model, loader)
         nll = F.cross_entropy(logits.float(), y).item()
         pred = logits.argmax(1)
+        probs = torch.softmax(logits.float(), dim=1)
         return {"loss": nll, "nll": nll, "accuracy": (pred == y).double().mean().item(),
-                "f1_macro": macro_f1(pred, y, info.num_outputs)}
+                "f1_macro": macro_f1(pred, y, info.num_outputs),
+                "ece": expected_calibration_error(probs, y), "brier": brier_score(probs, y)}
 
     @torch.no_grad()
     def predict(self, model, x: torch.Tensor, info) -> dict[str, list]:
