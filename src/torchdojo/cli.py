@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .calibrate import calibrate_command
 from .cli_errors import handle_errors
 from .errors import DojoError
 from .lr_find import lr_find_command
@@ -74,10 +75,16 @@ def resume(run_dir, quiet):
 
 
 def _load_for_inference(run_dir: str):
+    from .calibrate import CALIBRATION_JSON, TemperatureScaled
     from .trainer import Trainer
 
     trainer = Trainer.from_run_dir(run_dir, quiet=True)
-    return trainer, trainer.trained_models()
+    models = trainer.trained_models()
+    scaled = [m for m in models.values() if isinstance(m, TemperatureScaled)]
+    if scaled:      # on stderr: predict's CSV may go to stdout
+        click.echo(f"note: calibrated probabilities (temperature T = {scaled[0].temperature:.4g} from "
+                   f"{Path(run_dir) / CALIBRATION_JSON}, written by `dojo calibrate`)", err=True)
+    return trainer, models
 
 
 @main.command("eval")
@@ -236,6 +243,7 @@ def datasets():
 
 main.add_command(lr_find_command)
 main.add_command(plot_schedule_command)
+main.add_command(calibrate_command)
 
 
 if __name__ == "__main__":

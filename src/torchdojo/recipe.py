@@ -16,12 +16,21 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from .data.bundle import SPLIT_KEYS
 from .errors import ConfigError, DojoError, choices_text, did_you_mean
 from .registry import DATASETS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS, load_plugins
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ImbalanceSpec(_Strict):
+    """`data.imbalance`: make the training split imbalanced (classification only). Each `minority` class
+    keeps round(n_c / ratio) of its training rows (at least 1, drawn with the split seed); the other
+    classes keep all of theirs. Val and test are left as they are. See docs/imbalance.md."""
+    ratio: float = Field(ge=1)
+    minority: Optional[list[int]] = Field(None, min_length=1)   # default: class ids >= K // 2
 
 
 class DataSpec(BaseModel):
@@ -32,6 +41,8 @@ class DataSpec(BaseModel):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: Optional[int] = None          # default: the recipe's seed
     standardize: Optional[bool] = None        # default: yes for tables
+    imbalance: Optional[ImbalanceSpec] = None
+    sampler: Literal["uniform", "balanced"] = "uniform"   # balanced: class-balanced training batches
 
 
 class GroupRuleSpec(_Strict):
@@ -286,13 +297,18 @@ def validate_recipe(raw: dict) -> Recipe:
         options = registry.validate(spec, path, extra)
         return {"name": spec["name"], **options, **{k: spec[k] for k in extra if k in spec}}
 
-    split_keys = ("val_fraction", "test_fraction", "split_seed", "standardize")
-    data = component(DATASETS, recipe.data.model_dump(), "data", split_keys)
+    data = component(DATASETS, recipe.data.model_dump(), "data", SPLIT_KEYS)
     recipe.data = DataSpec.model_validate(data)
     if "path" in data and not Path(str(data["path"])).expanduser().is_file():
         raise ConfigError("data.path", f"file not found: {data['path']}")
     recipe.model = component(MODELS, recipe.model, "model")
     recipe.task = component(TASKS, recipe.task, "task")
+    task_type = getattr(TASKS.get(recipe.task["name"]).factory, "task_type", None)
+    if task_type not in (None, "classification"):
+        for key, used in (("imbalance", recipe.data.imbalance is not None), ("sampler", recipe.data.sampler != "uniform")):
+            if used:
+                raise ConfigError(f"data.{key}", f"needs classification data, but task '{recipe.task['name']}' "
+                                                 f"is for {task_type}")
     recipe.methods = [component(METHODS, m, f"methods.{i}") for i, m in enumerate(recipe.methods)]
     if recipe.phases[0].optimizer is None:
         raise ConfigError("phases.0.optimizer", "the first phase must set an optimizer; choose one of: "
@@ -363,8 +379,22 @@ class LossWeightSchedule(_Strict):
         return self.value * (x if self.shape == "linear" else math.exp(-5.0 * (1.0 - x) ** 2))
 
 
+# Loss options that may be the word "balanced": weights n / (K n_c) from the training labels, filled in
+# by the trainer when it builds the loss (Trainer._build_losses).
+BALANCED_OPTIONS = {"cross_entropy": "class_weights", "focal": "alpha"}
+
+
 def _loss_term(spec: dict, path: str) -> dict:
+    key = BALANCED_OPTIONS.get(spec.get("name")) if isinstance(spec, dict) else None
+    balanced = key is not None and isinstance(spec.get(key), str)
+    if balanced:
+        if spec[key] != "balanced":
+            raise ConfigError(f"{path}.{key}", f"give a list with one weight per class or the word 'balanced' "
+                                               f"(got {spec[key]!r})")
+        spec = {k: v for k, v in spec.items() if k != key}
     options = LOSSES.validate(spec, path, extra_keys=("weight",))
+    if balanced:
+        options[key] = "balanced"
     weight = spec.get("weight", 1.0)
     if isinstance(weight, dict):
         try:

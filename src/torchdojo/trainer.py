@@ -206,9 +206,33 @@ class Trainer:
         return steps, clock
 
     def train_loader(self, i: int, epoch: int = 0) -> TensorLoader:
-        """The shuffled training batches of phase i in its epoch `epoch` (at that epoch's batch size)."""
+        """The shuffled training batches of phase i in its epoch `epoch` (at that epoch's batch size);
+        with `data.sampler: balanced`, a class-balanced sample drawn with replacement instead."""
+        weights = self._balanced_row_weights() if self.recipe.data.sampler == "balanced" else None
         return TensorLoader(self.state.data.train, self.recipe.batch_size(i, epoch), shuffle=True,
-                            seed=self.recipe.seed * 100 + i, drop_last=True)
+                            seed=self.recipe.seed * 100 + i, drop_last=True, weights=weights)
+
+    def _balanced_row_weights(self) -> torch.Tensor:
+        """Per training row 1 / n_class(y) (computed once): the balanced sampler draws each class about
+        equally often."""
+        if getattr(self, "_row_weights", None) is None:
+            y = self.state.data.train.y.cpu()
+            self._row_weights = 1.0 / self._train_class_counts().double()[y]
+        return self._row_weights
+
+    def _train_class_counts(self) -> torch.Tensor:
+        """Training rows per class (classification data), on the CPU."""
+        info = self.state.data.info
+        if info.task_type != "classification":
+            raise DojoError("class counts need classification data")
+        return torch.bincount(self.state.data.train.y.cpu(), minlength=info.num_outputs)
+
+    def balanced_class_weights(self) -> list[float]:
+        """n / (K n_c) per class from the training labels (`class_weights: balanced`); 0 for a class with
+        no training rows (its weight never applies to an index target)."""
+        counts = self._train_class_counts().double()
+        n, k = float(counts.sum()), len(counts)
+        return torch.where(counts > 0, n / (k * counts.clamp(min=1)), torch.zeros_like(counts)).tolist()
 
     def _eval_loader(self, split: str) -> TensorLoader:
         return TensorLoader(self.state.data.split(split), self.recipe.eval.batch_size)
@@ -285,12 +309,20 @@ class Trainer:
 
     def _build_losses(self, i: int) -> list[LossTerm]:
         """Phase i's loss terms; terms with a weight schedule are listed in `self._weighted_terms`."""
+        from .recipe import BALANCED_OPTIONS
+
         terms, seen = [], {}
         self._weighted_terms: list[tuple[LossTerm, LossWeightSchedule]] = []
         for j, spec in enumerate(self.recipe.losses(i)):
             name = spec["name"]
             seen[name] = seen.get(name, 0) + 1
             label = name if seen[name] == 1 else f"{name}{seen[name]}"
+            key = BALANCED_OPTIONS.get(name)
+            if key is not None and spec.get(key) == "balanced":
+                if self.state.data.info.task_type != "classification":
+                    raise ConfigError(f"phases.{i}.losses.{j}.{key}", "`balanced` weights classes by their "
+                                      f"training counts, so it needs classification data")
+                spec = {**spec, key: self.balanced_class_weights()}
             fn = LOSSES.build(spec, f"phases.{i}.losses.{j}", extra_keys=("weight",)).to(self.device)
             if getattr(fn, "reduction", "mean") == "none":
                 raise ConfigError(f"phases.{i}.losses.{j}.reduction", "a training loss must reduce to one number: "
@@ -554,11 +586,17 @@ class Trainer:
         """The step of the checkpoint loaded to resume from, if any."""
         return self._resume_from[1]["step"] if self._resume_from is not None else None
 
-    def trained_models(self) -> dict[str, nn.Module]:
+    def trained_models(self, *, calibrated: bool = True) -> dict[str, nn.Module]:
         """For eval/predict: a finished run's final weights, else the latest checkpoint's final model
-        (with the methods' state, e.g. EMA weights), plus the named models methods add; in eval mode."""
+        (with the methods' state, e.g. EMA weights), plus the named models methods add; in eval mode.
+
+        With `calibrated` (the default), a finished classification run with a `calibration.json`
+        (written by `dojo calibrate`) has every model, ensembles included, wrapped in
+        `calibrate.TemperatureScaled`: outputs divided by the stored temperature, the same argmax.
+        `calibrated=False` gives the raw models."""
         final = self.run_dir / "checkpoints" / "final" / WEIGHTS if self.run_dir else None
-        if final is not None and final.is_file():
+        finished = final is not None and final.is_file()
+        if finished:
             self.state.model.load_state_dict(load_file(str(final)))
             model = self.state.model
         elif self._resume_from is None:
@@ -569,7 +607,14 @@ class Trainer:
             for m, sd in zip(self.methods, self._resume_from[1]["methods"]):
                 m.load_state_dict(sd)
             model = self.final_model()
-        return {name: m.eval() for name, m in self.named_models(model).items()}
+        models = {name: m.eval() for name, m in self.named_models(model).items()}
+        # The temperature was fitted on the final weights: a checkpoint's model stays as it is.
+        if calibrated and finished and self.state.task.task_type == "classification":
+            from .calibrate import TemperatureScaled, load_calibration
+            scaling = load_calibration(self.run_dir)
+            if scaling is not None:
+                models = {name: TemperatureScaled(m, scaling).eval() for name, m in models.items()}
+        return models
 
     def _restore_state(self) -> None:
         """Called inside `fit` once the resumed phase's optimizer and loader exist."""

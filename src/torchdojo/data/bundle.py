@@ -6,8 +6,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..errors import DojoError
+from ..errors import ConfigError, DojoError
 from .raw import RawDataset
+
+# `data:` keys that make_bundle and the trainer handle, not the dataset factory.
+SPLIT_KEYS = ("val_fraction", "test_fraction", "split_seed", "standardize", "imbalance", "sampler")
 
 
 @dataclass
@@ -24,6 +27,7 @@ class DataInfo:
     y_mean: list[float] | None = None   # regression targets are trained standardised
     y_std: list[float] | None = None
     sizes: dict[str, int] = field(default_factory=dict)
+    train_class_counts: list[int] | None = None   # rows per class in train (classification)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,12 +103,37 @@ def _split_indices(y: np.ndarray, fraction: float, seed: int, stratify: bool, wh
     return np.sort(keep), np.sort(out)
 
 
+def _imbalance_train(y_train: np.ndarray, num_classes: int, ratio: float, minority: list[int] | None,
+                     seed: int) -> np.ndarray:
+    """Sorted indices of the training rows kept by `imbalance`: every row of the majority classes and
+    round(n_c / ratio) rows (at least 1) of each minority class c, drawn with a generator seeded by
+    `seed`. `minority` defaults to the second half of the classes (ids >= K // 2)."""
+    if minority is None:
+        minority = list(range(num_classes // 2, num_classes))
+    bad = [c for c in minority if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError("data.imbalance.minority", f"class ids {bad} are out of range: the data has "
+                                                     f"{num_classes} classes (ids 0 to {num_classes - 1})")
+    if len(set(minority)) != len(minority):
+        raise ConfigError("data.imbalance.minority", f"a class id is listed twice (got {list(minority)})")
+    rng = np.random.default_rng(seed)
+    keep = [np.flatnonzero(~np.isin(y_train, minority))]
+    for c in sorted(minority):
+        rows = np.flatnonzero(y_train == c)
+        if len(rows) == 0:
+            continue
+        n_keep = max(1, round(len(rows) / ratio))
+        keep.append(rng.choice(rows, size=n_keep, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
 def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int,
-                standardize: bool | None = None) -> DataBundle:
+                standardize: bool | None = None, imbalance: dict | None = None) -> DataBundle:
     """Stratified (for classes) train/val/test split, standardisation fitted on train only.
 
     Both fractions are shares of the whole dataset; with a dataset's own test set, `val_fraction` is a
-    share of its training rows."""
+    share of its training rows. `imbalance` ({ratio, minority}) then subsamples the minority classes of
+    the training split only (val and test keep every row, so their metrics stay comparable)."""
     classify = raw.task_type == "classification"
     if len(raw.x) == 0:
         raise DojoError("data: the dataset is empty")
@@ -123,11 +152,20 @@ def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed
         val_fraction = val_fraction / (1 - test_fraction)   # both fractions are shares of the whole set
     keep, val_idx = _split_indices(y, val_fraction, seed + 1, classify, "val")
     x_train, y_train, x_val, y_val = x[keep], y[keep], x[val_idx], y[val_idx]
+    num_classes = (len(raw.class_names) or int(np.max(raw.y)) + 1) if classify else 0
+    if imbalance is not None:
+        if not classify:
+            raise ConfigError("data.imbalance", f"needs classification data; this dataset is "
+                                                f"{raw.task_type} data")
+        kept = _imbalance_train(y_train, num_classes, float(imbalance.get("ratio", 1.0)),
+                                imbalance.get("minority"), seed)
+        x_train, y_train = x_train[kept], y_train[kept]
 
     info = DataInfo(task_type=raw.task_type, kind=raw.kind, input_shape=list(x.shape[1:]),
                     num_outputs=len(raw.class_names) if classify else (1 if y.ndim == 1 else y.shape[1]),
                     class_names=list(raw.class_names), feature_names=list(raw.feature_names),
-                    sizes={"train": len(x_train), "val": len(x_val), "test": len(x_test)})
+                    sizes={"train": len(x_train), "val": len(x_val), "test": len(x_test)},
+                    train_class_counts=np.bincount(y_train, minlength=num_classes).tolist() if classify else None)
     if standardize if standardize is not None else raw.kind == "tabular":
         mean, std = x_train.mean(axis=0), x_train.std(axis=0)
         std = np.where(std > 1e-8, std, 1.0)   # constant columns stay as they are
@@ -150,8 +188,10 @@ def load_data(spec: dict, seed: int) -> DataBundle:
     """Build the bundle from a validated `data:` recipe section."""
     from ..registry import DATASETS
 
-    split_keys = ("val_fraction", "test_fraction", "split_seed", "standardize")
-    raw = DATASETS.build(spec, "data", extra_keys=split_keys)
+    raw = DATASETS.build(spec, "data", extra_keys=SPLIT_KEYS)
+    if spec.get("sampler", "uniform") == "balanced" and raw.task_type != "classification":
+        raise ConfigError("data.sampler", f"`balanced` draws rows by class, so it needs classification data; "
+                                          f"this dataset is {raw.task_type} data")
     split_seed = spec.get("split_seed")
     return make_bundle(raw, spec.get("val_fraction", 0.1), spec.get("test_fraction", 0.2),
-                       seed if split_seed is None else split_seed, spec.get("standardize"))
+                       seed if split_seed is None else split_seed, spec.get("standardize"), spec.get("imbalance"))

@@ -2,8 +2,9 @@
 `evaluate(model, loader, info) -> metrics`, `predict(model, x, info) -> columns`."""
 from .base import LossTerm
 from .classify import Classify
+from .distill import Distill
 from .regress import Regress
 
-TASKS = {"classify": Classify, "regress": Regress}
+TASKS = {"classify": Classify, "regress": Regress, "distill": Distill}
 
-__all__ = ["TASKS", "Classify", "Regress", "LossTerm"]
+__all__ = ["TASKS", "Classify", "Distill", "Regress", "LossTerm"]

@@ -1,4 +1,4 @@
-"""Classification: logits over K classes; metrics accuracy, macro-F1 and NLL."""
+"""Classification: logits over K classes; metrics accuracy, macro-F1, NLL and per-class recall."""
 from __future__ import annotations
 
 import torch
@@ -17,9 +17,19 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
     return f1.mean().item()
 
 
+def per_class_recall(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[list[float], list[bool]]:
+    """Recall TP / (TP + FN) of each class, and whether the class occurs in `target` at all (a class
+    that does not gets recall 0, as scikit-learn's recall_score(average=None) reports it)."""
+    support = torch.bincount(target, minlength=num_classes)
+    hits = torch.bincount(target[pred == target], minlength=num_classes)
+    recall = torch.where(support > 0, hits.double() / support.clamp(min=1), torch.zeros(num_classes, dtype=torch.double))
+    return recall.tolist(), (support > 0).tolist()
+
+
 class Classify:
     """Multi-class classification with a softmax over the model's outputs. Metrics: accuracy, macro-F1,
-    NLL (= loss), expected calibration error (15 bins) and Brier score."""
+    NLL (= loss), expected calibration error (15 bins), Brier score, the recall of each class
+    (`recall/<class name>`) and `recall_min`, the lowest recall among the classes present in the split."""
     task_type = "classification"
     default_losses = [{"name": "cross_entropy"}]
 
@@ -31,9 +41,15 @@ class Classify:
         nll = F.cross_entropy(logits.float(), y).item()
         pred = logits.argmax(1)
         probs = torch.softmax(logits.float(), dim=1)
-        return {"loss": nll, "nll": nll, "accuracy": (pred == y).double().mean().item(),
-                "f1_macro": macro_f1(pred, y, info.num_outputs),
-                "ece": expected_calibration_error(probs, y), "brier": brier_score(probs, y)}
+        metrics = {"loss": nll, "nll": nll, "accuracy": (pred == y).double().mean().item(),
+                   "f1_macro": macro_f1(pred, y, info.num_outputs),
+                   "ece": expected_calibration_error(probs, y), "brier": brier_score(probs, y)}
+        recall, present = per_class_recall(pred, y, info.num_outputs)
+        metrics["recall_min"] = min(r for r, p in zip(recall, present) if p)
+        names = info.class_names or [str(c) for c in range(info.num_outputs)]
+        for name, r in zip(names, recall):
+            metrics[f"recall/{name}"] = r
+        return metrics
 
     @torch.no_grad()
     def predict(self, model, x: torch.Tensor, info) -> dict[str, list]:
