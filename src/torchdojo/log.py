@@ -81,7 +81,10 @@ class Reporter:
         if self.quiet:
             return
         parts = [f"{entry['phase']}", f"epoch {entry['epoch']:.1f}", f"step {entry['step']}/{self.total_steps}"]
-        parts += [f"{k} {fmt(v)}" for k, v in entry.items() if k.startswith(("train/loss", "val/"))]
+        # One line per epoch stays short: the main scalars, not per-class recalls or duplicates of loss.
+        parts += [f"{k} {fmt(v)}" for k, v in entry.items()
+                  if (k == "train/loss" or k.startswith("val/")) and k.count("/") == 1
+                  and k not in ("val/nll", "val/brier")]
         line = " | ".join(parts)
         if self.progress is not None:
             self.progress.console.print(line, highlight=False)
