@@ -92,7 +92,9 @@ def _load_for_inference(run_dir: str):
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
 @handle_errors
 def eval_(run_dir, split):
-    """Print the metrics of a run's final model (or latest checkpoint) on a split."""
+    """Print the metrics of a run's final model (or latest checkpoint) on a split.
+
+    After `dojo calibrate RUN_DIR`, NLL, ECE and Brier are those of the temperature-scaled probabilities."""
     from .log import print_metrics_table
 
     trainer, models = _load_for_inference(run_dir)
@@ -111,7 +113,9 @@ def eval_(run_dir, split):
               help="CSV to write: prediction and, for classes, one probability column each.")
 @handle_errors
 def predict(run_dir, input_path, output_path):
-    """Predict with a trained run on new inputs."""
+    """Predict with a trained run on new inputs.
+
+    After `dojo calibrate RUN_DIR`, the probabilities are temperature-scaled (the predictions are the same)."""
     import numpy as np
     import torch
 
