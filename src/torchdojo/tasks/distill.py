@@ -72,7 +72,7 @@ class Distill(Classify):
                 _check_same_data(infos[0], info, f"the teacher runs {self.teachers[0]} and {path}")
             # Building a Trainer seeds every RNG with the teacher's seed: keep the student's streams.
             with _rng_preserved():
-                model = Trainer.from_run_dir(run, quiet=True).trained_models()[""]
+                model = Trainer.from_run_dir(run, quiet=True).trained_models(calibrated=False)[""]
             models.append(model)
             infos.append(info)
         if len(models) == 1:
