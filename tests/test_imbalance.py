@@ -247,7 +247,7 @@ class BatchProbe(Method):
 def probe_registered():
     METHODS.register(PROBE, BatchProbe)
     yield
-    METHODS._entries.pop(PROBE, None)       # the registry has no public unregister
+    METHODS.unregister(PROBE)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ from torchdojo.methods import EMA, EarlyStopping, GradClip, Method, ema_update
 from torchdojo.registry import METHODS
 
 from conftest import make_tiny_recipe
+from helpers import read_metrics
 
 
 class MethodsProbe(Method):
@@ -42,10 +42,6 @@ class MethodsProbe(Method):
 PROBE = "methods_probe"
 if PROBE not in METHODS:
     METHODS.register(PROBE, MethodsProbe)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def fit(recipe: dict, run_dir: Path | None):

@@ -421,7 +421,7 @@ def user_model():
     try:
         yield name
     finally:
-        MODELS._entries.pop(name, None)
+        MODELS.unregister(name)
 
 
 def test_user_registered_model_is_usable_from_a_recipe(user_model):
@@ -457,7 +457,7 @@ def test_user_registered_factory_function(tmp_path):
         assert len(model) == 4 and model(torch.zeros(2, 4)).shape == (2, 3)
         assert MODELS.get(name).option_names() == ["depth"]
     finally:
-        MODELS._entries.pop(name, None)
+        MODELS.unregister(name)
     # Once removed, recipes can no longer name it.
     assert config_error(tiny(model={"name": name})).path == "model.name"
 

@@ -18,6 +18,7 @@ from torchdojo.methods import Method
 from torchdojo.registry import METHODS
 
 from conftest import make_tiny_recipe
+from helpers import assert_same_weights, comparable, fit, read_metrics, train_entries
 
 TRAIN_ROWS = 280            # the tiny recipe's data: 400 rows, 10 % val, 20 % test
 
@@ -92,7 +93,7 @@ class StagesProbe(Method):
 def stages_probe_registered():
     METHODS.register(PROBE, StagesProbe)
     yield
-    METHODS._entries.pop(PROBE, None)       # the registry has no public unregister
+    METHODS.unregister(PROBE)
 
 
 def probe_of(trainer: Trainer) -> StagesProbe:
@@ -101,35 +102,12 @@ def probe_of(trainer: Trainer) -> StagesProbe:
 
 # -- helpers --------------------------------------------------------------------------------------
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def train_entries(entries: list[dict]) -> list[dict]:
-    return [e for e in entries if "train/loss" in e]
-
-
 def eval_entries(entries: list[dict]) -> list[dict]:
     return [e for e in entries if "val/loss" in e and not any(k.startswith("test/") for k in e)]
 
 
-def comparable(entries: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if k != "train/samples_per_sec"} for e in entries]
-
-
-def fit(recipe: dict, run_dir: Path | None) -> tuple[Trainer, dict]:
-    trainer = Trainer(load_recipe(recipe), run_dir, quiet=True)
-    return trainer, trainer.fit()
-
-
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / "final" / "model.safetensors"))
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"tensor {k} differs"
 
 
 def assert_same_opt_state(a: list[dict], b: list[dict]) -> None:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch import nn
 
-from torchdojo import ConfigError, Trainer, load_recipe
+from torchdojo import ConfigError, Trainer
 from torchdojo.cli import main as dojo_main
 from torchdojo.data import TensorLoader
 from torchdojo.ensemble import Ensemble, combine, default_how
@@ -28,6 +28,7 @@ from torchdojo.models.mlp import MLP, MLPConfig
 from torchdojo.registry import METHODS, MODELS
 
 from conftest import make_tiny_recipe
+from helpers import assert_same_weights, comparable, fit, read_metrics
 
 TRAIN_ROWS = 280            # the tiny recipe's data: 400 rows, 10 % val, 20 % test
 
@@ -58,7 +59,7 @@ class WeightsProbe(Method):
 def probe_registered():
     METHODS.register(PROBE, WeightsProbe)
     yield
-    METHODS._entries.pop(PROBE, None)       # the registry has no public unregister
+    METHODS.unregister(PROBE)
 
 
 def probe_of(trainer: Trainer) -> WeightsProbe:
@@ -66,25 +67,6 @@ def probe_of(trainer: Trainer) -> WeightsProbe:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def comparable(entries: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if k != "train/samples_per_sec"} for e in entries]
-
-
-def fit(recipe: dict, run_dir: Path | None) -> tuple[Trainer, dict]:
-    trainer = Trainer(load_recipe(recipe), run_dir, quiet=True)
-    return trainer, trainer.fit()
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"tensor {k} differs"
-
 
 def fresh_model(trainer: Trainer, weights: dict[str, torch.Tensor]) -> nn.Module:
     """A model of the run's architecture with `weights`, in eval mode."""

@@ -22,6 +22,7 @@ from torchdojo.registry import METHODS
 from torchdojo.trainer import Interrupted
 
 from conftest import make_tiny_recipe
+from helpers import assert_same_weights, comparable, fit, read_metrics, train_entries
 
 DOJO = str(Path(sys.executable).with_name("dojo"))
 
@@ -97,36 +98,12 @@ def probe_of(trainer: Trainer) -> TrainerProbe:
 
 # -- helpers --------------------------------------------------------------------------------------
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def train_entries(entries: list[dict]) -> list[dict]:
-    return [e for e in entries if "train/loss" in e]
-
-
-def comparable(entries: list[dict]) -> list[dict]:
-    """Entries without the wall-clock throughput, which legitimately differs between runs."""
-    return [{k: v for k, v in e.items() if k != "train/samples_per_sec"} for e in entries]
-
-
 def entry_kind(e: dict) -> str:
     if "train/loss" in e:
         return "train"
     if any(k.startswith("test/") for k in e):
         return "final"
     return "eval"
-
-
-def fit(recipe: dict, run_dir: Path | None) -> tuple[Trainer, dict]:
-    trainer = Trainer(load_recipe(recipe), run_dir, quiet=True)
-    return trainer, trainer.fit()
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"tensor {k} differs"
 
 
 def assert_same_opt_state(a: list[dict], b: list[dict]) -> None:

@@ -73,6 +73,10 @@ class Registry:
                                     config, injected, nested)
         return factory
 
+    def unregister(self, name: str) -> None:
+        """Remove a component (tests and plugins that register something temporarily)."""
+        self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

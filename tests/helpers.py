@@ -1,0 +1,33 @@
+"""Helpers shared by the trainer-level tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from torchdojo import Trainer, load_recipe
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_entries(entries: list[dict]) -> list[dict]:
+    return [e for e in entries if "train/loss" in e]
+
+
+def comparable(entries: list[dict]) -> list[dict]:
+    """Entries without the wall-clock throughput, which legitimately differs between runs."""
+    return [{k: v for k, v in e.items() if k != "train/samples_per_sec"} for e in entries]
+
+
+def fit(recipe: dict, run_dir: Path | None) -> tuple[Trainer, dict]:
+    trainer = Trainer(load_recipe(recipe), run_dir, quiet=True)
+    return trainer, trainer.fit()
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"tensor {k} differs"
