@@ -105,7 +105,7 @@ def mean_confidence(trainer: Trainer, split: str, temperature: float) -> tuple[f
     """Mean top-1 softmax probability of the final model on `split`, before and after dividing by T."""
     model = trainer.final_model()
     model.eval()
-    logits, _ = collect_outputs(model, trainer._eval_loader(split))
+    logits, _ = collect_outputs(model, trainer.eval_loader(split))
     z = logits.double()
     before = torch.softmax(z, 1).max(1).values.mean().item()
     after = torch.softmax(z / temperature, 1).max(1).values.mean().item()

@@ -219,7 +219,7 @@ def test_trainer_uses_the_balanced_sampler_for_training_only():
     loader = trainer.train_loader(0, 0)
     assert torch.equal(loader.weights, 1.0 / counts.double()[train.y])
     assert len(loader) == len(train) // 32                    # an epoch is still len(train) rows
-    assert trainer._eval_loader("val").weights is None and trainer._eval_loader("val").order(0) is None
+    assert trainer.eval_loader("val").weights is None and trainer.eval_loader("val").order(0) is None
     ys = torch.cat([trainer.train_loader(0, e).order(e) for e in range(30)])
     drawn = torch.bincount(train.y[ys], minlength=3).double()
     assert (drawn / drawn.sum() - 1 / 3).abs().max() < 0.03   # about 1/3 each, from ~70/15/15 %
@@ -319,13 +319,13 @@ def test_class_weights_balanced_is_n_over_k_times_class_count():
     # sklearn's "balanced" class weights are the same formula.
     from sklearn.utils.class_weight import compute_class_weight
     assert np.allclose(expected, compute_class_weight("balanced", classes=np.arange(10), y=y.numpy()))
-    ce, focal = (t.fn for t in trainer._build_losses(0))
+    ce, focal = (t.fn for t in trainer.build_losses(0))
     assert ce.class_weights.tolist() == pytest.approx(expected, rel=1e-12)
     assert focal.alpha.tolist() == pytest.approx(expected, rel=1e-12)
     assert ce.label_smoothing == 0.1 and focal.gamma == 1.0
     assert expected[9] > 10 * expected[0]                     # the minority classes weigh ~20x more
     # The later phase (no losses of its own) keeps the same terms.
-    assert [t.fn.class_weights.tolist() for t in trainer._build_losses(1)[:1]] == [ce.class_weights.tolist()]
+    assert [t.fn.class_weights.tolist() for t in trainer.build_losses(1)[:1]] == [ce.class_weights.tolist()]
 
 
 @pytest.mark.parametrize("loss, key", [({"name": "cross_entropy", "class_weights": "heavy"}, "class_weights"),
@@ -346,7 +346,7 @@ def test_class_weights_balanced_needs_classification_data():
     r["phases"][0]["losses"] = [{"name": "cross_entropy", "class_weights": "balanced"}]
     trainer = Trainer(load_recipe(r), None, quiet=True)
     with pytest.raises(ConfigError) as info:
-        trainer._build_losses(0)
+        trainer.build_losses(0)
     assert info.value.path == "phases.0.losses.0.class_weights"
 
 

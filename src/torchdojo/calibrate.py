@@ -87,7 +87,7 @@ def _collect(trainer, model: nn.Module, split: str) -> tuple[torch.Tensor, torch
     from .tasks.base import collect_outputs
 
     model.eval()
-    logits, y = collect_outputs(model, trainer._eval_loader(split))
+    logits, y = collect_outputs(model, trainer.eval_loader(split))
     return logits.float(), y
 
 

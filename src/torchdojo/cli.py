@@ -181,7 +181,7 @@ def param_groups_cmd(recipe, overrides):
 
     r = load_recipe(recipe, list(overrides))
     trainer = Trainer(r, None, quiet=True)
-    frozen = trainer._frozen_by_phase
+    frozen = trainer.frozen_by_phase
     console = Console()
     for i, phase in enumerate(r.phases):
         if phase.optimizer is None:

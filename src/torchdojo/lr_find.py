@@ -124,7 +124,7 @@ def lr_find(recipe: "Recipe | str | dict", out_dir: str | Path, *, start_lr: flo
     for m in frozen:
         m.requires_grad_(False)
     optimizer = trainer.build_optimizer(0)
-    frozen_names = trainer._frozen_by_phase[recipe.phase_name(0)]
+    frozen_names = trainer.frozen_by_phase[recipe.phase_name(0)]
     frozen_ids = {id(p) for n, p in model.named_parameters() if n in frozen_names}
     bases = [0.0 if g["params"] and all(id(p) in frozen_ids for p in g["params"]) else float(g["initial_lr"])
              for g in optimizer.param_groups]
@@ -133,7 +133,7 @@ def lr_find(recipe: "Recipe | str | dict", out_dir: str | Path, *, start_lr: flo
         raise DojoError("lr-find: every parameter group of the first phase is frozen or has lr 0")
     ratios = [b / top for b in bases]
     loader = trainer.train_loader(0)                  # the first epoch's batch size, kept throughout
-    terms = trainer._build_losses(0)
+    terms = trainer.build_losses(0)
     model.train()
     for m in frozen:
         m.eval()

@@ -88,7 +88,7 @@ def planned_lrs(recipe: "Recipe") -> dict[str, Any]:
         optimizer, labels = optimizers[opt_phase], labels_of[opt_phase]
 
         # The trainer's rule (Trainer._enter_phase): a group whose parameters are all frozen runs at lr 0.
-        frozen_names = trainer._frozen_by_phase[name]
+        frozen_names = trainer.frozen_by_phase[name]
         frozen_ids = {id(p) for pn, p in model.named_parameters() if pn in frozen_names}
         group_base = [0.0 if g["params"] and all(id(p) in frozen_ids for p in g["params"]) else g["initial_lr"]
                       for g in optimizer.param_groups]

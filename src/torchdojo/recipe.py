@@ -380,7 +380,7 @@ class LossWeightSchedule(_Strict):
 
 
 # Loss options that may be the word "balanced": weights n / (K n_c) from the training labels, filled in
-# by the trainer when it builds the loss (Trainer._build_losses).
+# by the trainer when it builds the loss (Trainer.build_losses).
 BALANCED_OPTIONS = {"cross_entropy": "class_weights", "focal": "alpha"}
 
 

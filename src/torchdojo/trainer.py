@@ -26,7 +26,7 @@ from .errors import ConfigError, DojoError, choices_text
 from .log import MetricsFile, Reporter
 from .methods import HOOKS, Method
 from .optim.param_groups import apply_lr_mult, param_groups
-from .recipe import LossWeightSchedule, Recipe, load_recipe
+from .recipe import BALANCED_OPTIONS, LossWeightSchedule, Recipe, load_recipe
 from .registry import LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
 from .schedules import Clock, Schedule
 from .tasks import LossTerm
@@ -175,8 +175,9 @@ class Trainer:
         # Only hooks a method overrides are called: unused hooks cost nothing in the step.
         self.hooks = {h: [m for m in self.methods if getattr(type(m), h) is not getattr(Method, h)] for h in HOOKS}
         self.state = TrainState(recipe, model, data.to(self.device), task, self.device, run_dir=self.run_dir)
+        self._row_weights: torch.Tensor | None = None    # the balanced sampler's, computed on first use
         # Parameter names frozen in each phase, known up front so groups never appear mid-run.
-        self._frozen_by_phase = {
+        self.frozen_by_phase = {
             recipe.phase_name(i): {f"{prefix}.{n}" if prefix else n
                                    for prefix, module in _named(model, frozen_modules(model, p.freeze, f"phases.{i}.freeze"))
                                    for n, _ in module.named_parameters()}
@@ -215,7 +216,7 @@ class Trainer:
     def _balanced_row_weights(self) -> torch.Tensor:
         """Per training row 1 / n_class(y) (computed once): the balanced sampler draws each class about
         equally often."""
-        if getattr(self, "_row_weights", None) is None:
+        if self._row_weights is None:
             y = self.state.data.train.y.cpu()
             self._row_weights = 1.0 / self._train_class_counts().double()[y]
         return self._row_weights
@@ -234,7 +235,8 @@ class Trainer:
         n, k = float(counts.sum()), len(counts)
         return torch.where(counts > 0, n / (k * counts.clamp(min=1)), torch.zeros_like(counts)).tolist()
 
-    def _eval_loader(self, split: str) -> TensorLoader:
+    def eval_loader(self, split: str) -> TensorLoader:
+        """Batches of a split in order, at the recipe's evaluation batch size."""
         return TensorLoader(self.state.data.split(split), self.recipe.eval.batch_size)
 
     def _enter_phase(self, i: int) -> None:
@@ -259,7 +261,7 @@ class Trainer:
                 carry_state(previous, s.optimizer)
             self._optimizer_phase = opt_phase
         # Frozen groups run at lr 0 (and get no gradient); unfreezing restores them: no group is added.
-        frozen_names = self._frozen_by_phase[s.phase_name]
+        frozen_names = self.frozen_by_phase[s.phase_name]
         frozen_ids = {id(p) for n, p in s.model.named_parameters() if n in frozen_names}
         self._group_base = [0.0 if g["params"] and all(id(p) in frozen_ids for p in g["params"]) else g["initial_lr"]
                             for g in s.optimizer.param_groups]
@@ -269,7 +271,7 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(f"{path}.schedule", str(exc)) from None
         self._has_lr_floor = any(seg.plateau is not None and seg.plateau.min_lr > 0 for seg in segments)
-        self._loss_terms = self._build_losses(i)
+        self._loss_terms = self.build_losses(i)
         self._start_epoch()
         self._set_train_mode()
 
@@ -298,7 +300,7 @@ class Trainer:
         where = f"phases.{i}.param_groups" if self.recipe.phases[i].param_groups else "param_groups"
         try:
             groups = param_groups(self.state.model, [r.model_dump() for r in spec.rules], no_decay=spec.no_decay,
-                                  layer_decay=spec.layer_decay, frozen=self._frozen_by_phase)
+                                  layer_decay=spec.layer_decay, frozen=self.frozen_by_phase)
         except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
         optimizer = OPTIMIZERS.build(self.recipe.phases[i].optimizer, f"phases.{i}.optimizer", params=groups)
@@ -307,10 +309,8 @@ class Trainer:
             group["initial_lr"] = group["lr"]
         return optimizer
 
-    def _build_losses(self, i: int) -> list[LossTerm]:
+    def build_losses(self, i: int) -> list[LossTerm]:
         """Phase i's loss terms; terms with a weight schedule are listed in `self._weighted_terms`."""
-        from .recipe import BALANCED_OPTIONS
-
         terms, seen = [], {}
         self._weighted_terms: list[tuple[LossTerm, LossWeightSchedule]] = []
         for j, spec in enumerate(self.recipe.losses(i)):
@@ -454,7 +454,7 @@ class Trainer:
         model = model if model is not None else self.eval_model()
         was_training = s.model.training
         model.eval()
-        metrics = s.task.evaluate(model, self._eval_loader(split), s.data.info)
+        metrics = s.task.evaluate(model, self.eval_loader(split), s.data.info)
         if was_training:
             self._set_train_mode()
         prefix = f"{split}/{name}/" if name else f"{split}/"
