@@ -148,10 +148,13 @@ def _read_inputs(path: str, info):
     from .data.files import DataError, numeric_matrix, read_csv
 
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            if "x" not in f.files:
-                raise DataError(f"{path}: no array 'x' (found: {', '.join(f.files)})")
-            return f["x"]
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if "x" not in f.files:
+                    raise DataError(f"{path}: no array 'x' (found: {', '.join(f.files)})")
+                return f["x"]
+        except (ValueError, OSError) as exc:   # object arrays (pickles) and non-NPZ files are refused
+            raise DataError(f"{path}: not a readable NPZ file of numbers ({exc})") from None
     table = read_csv(path)
     names = info.feature_names
     if names and all(n in table.columns for n in names):

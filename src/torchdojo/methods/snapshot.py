@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..ensemble import Ensemble
-from ..errors import ConfigError
+from ..errors import ConfigError, DojoError
 from .base import Method
 
 SNAPSHOT_DIR = Path("checkpoints") / "snapshots"
@@ -18,6 +18,13 @@ SNAPSHOT_DIR = Path("checkpoints") / "snapshots"
 
 def snapshot_files(run_dir: Path) -> list[Path]:
     return sorted((run_dir / SNAPSHOT_DIR).glob("snapshot-*.safetensors"))
+
+
+def _read_snapshot(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:   # a corrupt file: say which, never fall back to another loader
+        raise DojoError(f"snapshot {path} cannot be read: {exc}") from None
 
 
 class SnapshotEnsemble(Method):
@@ -58,7 +65,7 @@ class SnapshotEnsemble(Method):
     def on_models(self, state, models: dict) -> dict:
         snapshots = self.snapshots
         if not snapshots and state.run_dir is not None:      # `dojo eval` / `predict` on a finished run
-            snapshots = [load_file(str(p)) for p in snapshot_files(state.run_dir)]
+            snapshots = [_read_snapshot(p) for p in snapshot_files(state.run_dir)]
         if not snapshots:
             return models
         members = []
