@@ -68,7 +68,7 @@ def resume(run_dir, quiet):
         raise DojoError(f"{run_dir} has already finished; nothing to resume (see `dojo eval {run_dir}`)")
     trainer = Trainer.from_run_dir(run_dir, quiet=quiet)
     if trainer.checkpoint_step is None:
-        raise DojoError(f"{run_dir} has no checkpoint to resume from")
+        raise DojoError(f"{run_dir} has no checkpoint to resume from (none that validates; see the warnings above)")
     if not quiet:
         click.echo(f"resuming {run_dir} at step {trainer.state.step} of {trainer.total_steps}")
     trainer.fit()

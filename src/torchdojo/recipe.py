@@ -112,6 +112,23 @@ class LogSpec(_Strict):
     every_steps: int = Field(10, ge=1)
 
 
+class NonFiniteSpec(_Strict):
+    """`nonfinite`: what a step with a NaN/inf loss or gradient does (see docs/reliability.md).
+    `raise` stops with the step and the non-finite tensors; `skip` leaves the parameters and the
+    optimizer untouched and raises after more than `max_consecutive` skips in a row."""
+    policy: str = "raise"
+    max_consecutive: int = Field(5, ge=1)
+
+    @pydantic.field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        if v == "rollback":
+            raise ValueError("policy 'rollback' is not implemented yet; choose from: raise, skip")
+        if v not in ("raise", "skip"):
+            raise ValueError(f"unknown policy '{v}'; choose from: raise, skip")
+        return v
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
@@ -126,6 +143,7 @@ class Recipe(_Strict):
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     log: LogSpec = LogSpec()
+    nonfinite: NonFiniteSpec = NonFiniteSpec()
 
     def phase_name(self, i: int) -> str:
         return self.phases[i].name or f"phase{i}"

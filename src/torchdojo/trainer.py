@@ -9,6 +9,7 @@ import json
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 
 from safetensors.torch import load_file
 
-from .checkpoint import WEIGHTS, list_checkpoints, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import WEIGHTS, latest_valid_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from .data import DataBundle, TensorLoader, load_data
 from .errors import ConfigError, DojoError, choices_text
 from .log import MetricsFile, Reporter
@@ -40,6 +41,11 @@ class Interrupted(Exception):
     def __init__(self, exit_code: int, run_dir: Path | None):
         self.exit_code, self.run_dir = exit_code, run_dir
         super().__init__(f"interrupted; resume with: dojo resume {run_dir}" if run_dir else "interrupted")
+
+
+class NonFiniteError(DojoError):
+    """A training step produced a NaN/inf loss or gradient (`nonfinite.policy: raise`, or more than
+    `nonfinite.max_consecutive` skipped steps in a row)."""
 
 
 @dataclass
@@ -431,13 +437,54 @@ class Trainer:
         loss.backward()
         for m in self.hooks["on_after_backward"]:
             m.on_after_backward(s)
-        s.optimizer.step()
+        finite = self._check_finite(loss)
+        if finite:
+            s.optimizer.step()
         s.step += 1
         s.step_in_phase += 1
         s.batch_in_epoch += 1
-        for m in self.hooks["on_step_end"]:
-            m.on_step_end(s)
+        if finite:
+            for m in self.hooks["on_step_end"]:
+                m.on_step_end(s)
         return loss.detach(), parts
+
+    def _check_finite(self, loss: torch.Tensor) -> bool:
+        """One fused reduction over the loss and all gradients (one host sync). Logs the total gradient
+        norm as `train/grad_norm` unless a `grad_clip` method logs it before clipping. On a non-finite
+        value: `raise` raises `NonFiniteError`; `skip` zeroes the gradients (the caller then skips the
+        optimizer step and `on_step_end`) and counts it as `train/nonfinite_skips`."""
+        s, spec = self.state, self.recipe.nonfinite
+        if not hasattr(self, "_nf_params"):
+            from .methods import GradClip
+            self._nf_params = [(n, p) for n, p in s.model.named_parameters()]
+            self._nf_log_norm = not any(isinstance(m, GradClip) for m in self.methods)
+            self._nf_skips, self._nf_consecutive = getattr(self, "_nf_restored", (0, 0))
+        grads = [(n, p.grad) for n, p in self._nf_params if p.grad is not None]
+        norms = torch._foreach_norm([g for _, g in grads]) if grads else []
+        total = torch.linalg.vector_norm(torch.stack([*norms, loss.detach().float().reshape(())]))
+        if self._nf_log_norm and grads:
+            s.step_logs["train/grad_norm"] = torch.linalg.vector_norm(torch.stack(norms)).detach()
+        if spec.policy == "skip":
+            s.step_logs["train/nonfinite_skips"] = self._nf_skips
+        if bool(torch.isfinite(total)):
+            self._nf_consecutive = 0
+            return True
+        bad = ["loss"] if not bool(torch.isfinite(loss.detach()).all()) else []
+        bad += [n for (n, _), norm in zip(grads, norms) if not bool(torch.isfinite(norm))]
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        where = f"step {s.step + 1} (phase '{s.phase_name}')"
+        if spec.policy == "raise":
+            raise NonFiniteError(f"non-finite values at {where} in: {shown}; set `nonfinite.policy: skip` "
+                                 f"to skip such steps")
+        self._nf_consecutive += 1
+        if self._nf_consecutive > spec.max_consecutive:
+            raise NonFiniteError(f"{self._nf_consecutive} non-finite steps in a row (more than "
+                                 f"nonfinite.max_consecutive={spec.max_consecutive}), the last at {where} "
+                                 f"in: {shown}")
+        self._nf_skips += 1
+        s.step_logs["train/nonfinite_skips"] = self._nf_skips
+        s.optimizer.zero_grad(set_to_none=True)
+        return False
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -559,6 +606,7 @@ class Trainer:
                 "rng": _rng_state(), "last_eval_step": self._last_eval_step,
                 "loss_meter": self._meter.state_dict(), "metrics_lines": self._lines_logged(),
                 "schedule": self._schedule.state_dict(),
+                "nonfinite": [getattr(self, "_nf_skips", 0), getattr(self, "_nf_consecutive", 0)],
                 "wall_seconds": self._wall_before + time.perf_counter() - t_start}
 
     def _save_checkpoint(self, t_start: float) -> None:
@@ -569,7 +617,8 @@ class Trainer:
         self._last_checkpoint_lines = self._lines_logged()
 
     def load_checkpoint(self, path: Path) -> None:
-        """Prepare to continue from a checkpoint folder; `fit()` then resumes there."""
+        """Prepare to continue from a checkpoint folder; `fit()` then resumes there. The folder must
+        match its manifest (see `checkpoint.validate_checkpoint`), else DojoError names the reason."""
         weights, state = load_checkpoint(path)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise DojoError(f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
@@ -597,7 +646,11 @@ class Trainer:
         final = self.run_dir / "checkpoints" / "final" / WEIGHTS if self.run_dir else None
         finished = final is not None and final.is_file()
         if finished:
-            self.state.model.load_state_dict(load_file(str(final)))
+            try:
+                weights = load_file(str(final))
+            except Exception as exc:   # a corrupt file: say which, never fall back to another loader
+                raise DojoError(f"{final} cannot be read: {exc}") from None
+            self.state.model.load_state_dict(weights)
             model = self.state.model
         elif self._resume_from is None:
             raise DojoError(f"{self.run_dir} has neither a final model nor a checkpoint")
@@ -627,6 +680,9 @@ class Trainer:
         self._schedule.load_state_dict(state["schedule"])
         for m, sd in zip(self.methods, state["methods"]):
             m.load_state_dict(sd)
+        self._nf_restored = tuple(state.get("nonfinite", (0, 0)))   # older checkpoints: no skips
+        if hasattr(self, "_nf_params"):
+            self._nf_skips, self._nf_consecutive = self._nf_restored
         _set_rng_state(state["rng"])
 
     @classmethod
@@ -638,7 +694,12 @@ class Trainer:
         from .recipe import parse_yaml
         recipe = load_recipe(parse_yaml((run_dir / "recipe.yaml").read_text(), str(run_dir / "recipe.yaml")))
         trainer = cls(recipe, run_dir, quiet=quiet)
-        path = checkpoint or (list_checkpoints(run_dir / "checkpoints") or [None])[-1]
+        if checkpoint is not None:            # asked for explicitly: refuse it if invalid, no fallback
+            trainer.load_checkpoint(Path(checkpoint))
+            return trainer
+        path, skipped = latest_valid_checkpoint(run_dir / "checkpoints")
+        for text in skipped:
+            warnings.warn(text, stacklevel=2)
         if path is not None:
             trainer.load_checkpoint(path)
         return trainer
