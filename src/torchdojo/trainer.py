@@ -5,6 +5,7 @@ varies between recipes lives in the task (objective, metrics) and the methods (h
 from __future__ import annotations
 
 import fnmatch
+import math
 import json
 import random
 import signal
@@ -25,7 +26,7 @@ from .checkpoint import WEIGHTS, latest_valid_checkpoint, load_checkpoint, save_
 from .data import DataBundle, TensorLoader, load_data
 from .errors import ConfigError, DojoError, choices_text
 from .log import MetricsFile, Reporter
-from .methods import HOOKS, Method
+from .methods import HOOKS, GradClip, Method
 from .optim.param_groups import apply_lr_mult, param_groups
 from .recipe import BALANCED_OPTIONS, LossWeightSchedule, Recipe, load_recipe
 from .registry import LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
@@ -202,6 +203,8 @@ class Trainer:
         self._recipe_yaml = recipe.to_yaml()     # saved in every checkpoint; serialised once
         self._last_val: dict = {}
         self._run: MetricsFile | None = None
+        self._nonfinite_skips, self._nonfinite_in_a_row = 0, 0
+        self._log_grad_norm = not any(isinstance(m, GradClip) for m in self.methods)   # it logs its own
 
     # -- building pieces -------------------------------------------------------------------------
 
@@ -449,26 +452,34 @@ class Trainer:
         return loss.detach(), parts
 
     def _check_finite(self, loss: torch.Tensor) -> bool:
-        """One fused reduction over the loss and all gradients (one host sync). Logs the total gradient
-        norm as `train/grad_norm` unless a `grad_clip` method logs it before clipping. On a non-finite
-        value: `raise` raises `NonFiniteError`; `skip` zeroes the gradients (the caller then skips the
-        optimizer step and `on_step_end`) and counts it as `train/nonfinite_skips`."""
-        s, spec = self.state, self.recipe.nonfinite
-        if not hasattr(self, "_nf_params"):
-            from .methods import GradClip
-            self._nf_params = [(n, p) for n, p in s.model.named_parameters()]
-            self._nf_log_norm = not any(isinstance(m, GradClip) for m in self.methods)
-            self._nf_skips, self._nf_consecutive = getattr(self, "_nf_restored", (0, 0))
-        grads = [(n, p.grad) for n, p in self._nf_params if p.grad is not None]
+        """Whether this step may update the model. With `raise` (default) the loss is checked every step
+        (one scalar read; a non-finite gradient makes the next loss non-finite) and the gradients on log
+        steps; with `skip` the loss and all gradients every step, in one fused reduction. Logs the total
+        gradient norm as `train/grad_norm` on log steps unless a `grad_clip` method logs it before
+        clipping. On a non-finite value: `raise` raises NonFiniteError naming the step and the tensors;
+        `skip` zeroes the gradients (the caller then skips the optimizer step and `on_step_end`) and
+        counts it in `train/nonfinite_skips`."""
+        s, policy = self.state, self.recipe.nonfinite.policy
+        log_step = (s.step + 1) % self.recipe.log.every_steps == 0
+        if policy == "raise" and not log_step:
+            if math.isfinite(loss.item()):
+                return True
+            grads = [(n, p.grad) for n, p in s.model.named_parameters() if p.grad is not None]
+            return self._non_finite(loss, grads, torch._foreach_norm([g for _, g in grads]) if grads else [])
+        grads = [(n, p.grad) for n, p in s.model.named_parameters() if p.grad is not None]
         norms = torch._foreach_norm([g for _, g in grads]) if grads else []
-        total = torch.linalg.vector_norm(torch.stack([*norms, loss.detach().float().reshape(())]))
-        if self._nf_log_norm and grads:
-            s.step_logs["train/grad_norm"] = torch.linalg.vector_norm(torch.stack(norms)).detach()
-        if spec.policy == "skip":
-            s.step_logs["train/nonfinite_skips"] = self._nf_skips
-        if bool(torch.isfinite(total)):
-            self._nf_consecutive = 0
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else loss.new_zeros(())
+        if self._log_grad_norm and log_step and norms:
+            s.step_logs["train/grad_norm"] = grad_norm.detach()
+        if policy == "skip":
+            s.step_logs["train/nonfinite_skips"] = self._nonfinite_skips
+        if bool(torch.isfinite(grad_norm + loss.detach().float())):
+            self._nonfinite_in_a_row = 0
             return True
+        return self._non_finite(loss, grads, norms)
+
+    def _non_finite(self, loss: torch.Tensor, grads: list, norms: list) -> bool:
+        s, spec = self.state, self.recipe.nonfinite
         bad = ["loss"] if not bool(torch.isfinite(loss.detach()).all()) else []
         bad += [n for (n, _), norm in zip(grads, norms) if not bool(torch.isfinite(norm))]
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -476,13 +487,13 @@ class Trainer:
         if spec.policy == "raise":
             raise NonFiniteError(f"non-finite values at {where} in: {shown}; set `nonfinite.policy: skip` "
                                  f"to skip such steps")
-        self._nf_consecutive += 1
-        if self._nf_consecutive > spec.max_consecutive:
-            raise NonFiniteError(f"{self._nf_consecutive} non-finite steps in a row (more than "
+        self._nonfinite_in_a_row += 1
+        if self._nonfinite_in_a_row > spec.max_consecutive:
+            raise NonFiniteError(f"{self._nonfinite_in_a_row} non-finite steps in a row (more than "
                                  f"nonfinite.max_consecutive={spec.max_consecutive}), the last at {where} "
                                  f"in: {shown}")
-        self._nf_skips += 1
-        s.step_logs["train/nonfinite_skips"] = self._nf_skips
+        self._nonfinite_skips += 1
+        s.step_logs["train/nonfinite_skips"] = self._nonfinite_skips
         s.optimizer.zero_grad(set_to_none=True)
         return False
 
@@ -606,7 +617,7 @@ class Trainer:
                 "rng": _rng_state(), "last_eval_step": self._last_eval_step,
                 "loss_meter": self._meter.state_dict(), "metrics_lines": self._lines_logged(),
                 "schedule": self._schedule.state_dict(),
-                "nonfinite": [getattr(self, "_nf_skips", 0), getattr(self, "_nf_consecutive", 0)],
+                "nonfinite": [self._nonfinite_skips, self._nonfinite_in_a_row],
                 "wall_seconds": self._wall_before + time.perf_counter() - t_start}
 
     def _save_checkpoint(self, t_start: float) -> None:
@@ -680,9 +691,7 @@ class Trainer:
         self._schedule.load_state_dict(state["schedule"])
         for m, sd in zip(self.methods, state["methods"]):
             m.load_state_dict(sd)
-        self._nf_restored = tuple(state.get("nonfinite", (0, 0)))   # older checkpoints: no skips
-        if hasattr(self, "_nf_params"):
-            self._nf_skips, self._nf_consecutive = self._nf_restored
+        self._nonfinite_skips, self._nonfinite_in_a_row = state.get("nonfinite", (0, 0))   # older: none
         _set_rng_state(state["rng"])
 
     @classmethod
