@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -74,6 +73,9 @@ from torchdojo.calibrate import calibrate
 from torchdojo.recipe import load_recipe
 from torchdojo.tasks.base import collect_outputs
 from torchdojo.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stats import mean, std, r4  # noqa: E402
 
 BATCH_SIZE = 64
 SPLIT_SEED = 0
@@ -131,24 +133,11 @@ def run_arm(epochs: int, lr: float, seed: int, label_smoothing: float, run_dir: 
             "val_before": cal["before"], "val_after": cal["after"]}
 
 
-def mean(xs) -> float:
-    return statistics.fmean(xs)
-
-
-def std(xs) -> float:
-    xs = list(xs)
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
 def verdict_lower(diffs: list[float]) -> str:
     """diffs: per-seed contender minus reference (negative = lower = the claimed direction)."""
     if mean(diffs) >= 0:
         return "does not hold"
     return "holds" if all(d < 0 for d in diffs) else "mixed"
-
-
-def r4(x: float) -> float:
-    return round(x, 4)
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +52,9 @@ import torch
 
 import torchdojo
 from torchdojo.models import MODELS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stats import mean, std, verdict, r4  # noqa: E402
 
 BATCH_SIZE = 64
 LR, WEIGHT_DECAY, MIN_FACTOR = 3e-3, 0.01, 0.05
@@ -108,26 +110,6 @@ def num_params(model: dict, input_shape, num_outputs: int) -> int:
 def data_shape(run_dir: Path) -> tuple[tuple, int]:
     info = json.loads((run_dir / "data_info.json").read_text())
     return tuple(info["input_shape"]), int(info["num_outputs"])
-
-
-def mean(xs) -> float:
-    return statistics.fmean(xs)
-
-
-def std(xs) -> float:
-    xs = list(xs)
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
-def verdict(diffs: list[float]) -> str:
-    """diffs: per-seed improvement of the contender (positive = better)."""
-    if mean(diffs) <= 0:
-        return "does not hold"
-    return "holds" if all(d > 0 for d in diffs) else "mixed"
-
-
-def r4(x: float) -> float:
-    return round(x, 4)
 
 
 def main(argv=None) -> int:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
+import os
 import sys
 import time
 
@@ -57,6 +57,9 @@ import torch
 import torchdojo
 from torchdojo.recipe import load_recipe
 from torchdojo.trainer import Trainer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _stats import mean, std, verdict, r4  # noqa: E402
 
 RATIO = 20
 BATCH_SIZE = 64
@@ -116,32 +119,12 @@ def result(summary: dict, trainer: Trainer, seconds: float) -> dict:
             "wall_seconds": summary["wall_seconds"], "seconds": seconds, "steps": summary["steps"]}
 
 
-def mean(xs) -> float:
-    return statistics.fmean(xs)
-
-
-def std(xs) -> float:
-    xs = list(xs)
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
-def verdict(diffs: list[float]) -> str:
-    """diffs: per-seed improvement of the contender (positive = better)."""
-    if mean(diffs) <= 0:
-        return "does not hold"
-    return "holds" if all(d > 0 for d in diffs) else "mixed"
-
-
 def combine(verdicts: list[str]) -> str:
     if all(v == "holds" for v in verdicts):
         return "holds"
     if all(v == "does not hold" for v in verdicts):
         return "does not hold"
     return "mixed"
-
-
-def r4(x: float) -> float:
-    return round(x, 4)
 
 
 def main(argv=None) -> int:

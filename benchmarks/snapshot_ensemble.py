@@ -45,7 +45,7 @@ import argparse
 import copy
 import json
 import platform
-import statistics
+import os
 import sys
 import time
 
@@ -54,6 +54,9 @@ import torch
 import torchdojo
 from torchdojo.recipe import load_recipe, read_recipe_source
 from torchdojo.trainer import Trainer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _stats import mean, std, verdict, r4  # noqa: E402
 
 BATCH_SIZE = 64
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -133,26 +136,6 @@ def snapshot_members(trainer: Trainer) -> list[dict]:
         metrics = trainer.evaluate("test", member)
         out.append({"test_accuracy": metrics["test/accuracy"], "test_nll": metrics["test/nll"]})
     return out
-
-
-def mean(xs) -> float:
-    return statistics.fmean(xs)
-
-
-def std(xs) -> float:
-    xs = list(xs)
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
-def verdict(diffs: list[float]) -> str:
-    """diffs: per-seed improvement of the contender (positive = better)."""
-    if mean(diffs) <= 0:
-        return "does not hold"
-    return "holds" if all(d > 0 for d in diffs) else "mixed"
-
-
-def r4(x: float) -> float:
-    return round(x, 4)
 
 
 def main(argv=None) -> int:

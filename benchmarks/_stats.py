@@ -1,0 +1,26 @@
+"""Small statistics shared by the accuracy benchmarks (seeds, paired differences, verdicts)."""
+from __future__ import annotations
+
+import statistics
+
+
+def mean(xs) -> float:
+    return statistics.fmean(xs)
+
+
+def std(xs) -> float:
+    """Sample standard deviation; 0 for a single value."""
+    xs = list(xs)
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def verdict(diffs: list[float]) -> str:
+    """diffs: per-seed improvement of the contender (positive = better). 'holds' when it wins on every
+    seed, 'does not hold' when it does not win on average, 'mixed' otherwise."""
+    if mean(diffs) <= 0:
+        return "does not hold"
+    return "holds" if all(d > 0 for d in diffs) else "mixed"
+
+
+def r4(x: float) -> float:
+    return round(x, 4)
