@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from torchdojo import Trainer, load_recipe
 
@@ -31,3 +32,18 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"tensor {k} differs"
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / "final" / "model.safetensors"))
+
+
+def assert_same_opt_state(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for sa, sb in zip(a, b):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                assert torch.equal(sa[k], sb[k]), k
+            else:
+                assert sa[k] == sb[k], k

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
 from scipy.stats import chi2
 from sklearn.metrics import recall_score
 from torch import nn
@@ -23,6 +22,7 @@ from torchdojo.registry import METHODS
 from torchdojo.tasks import Classify
 
 from conftest import make_tiny_recipe
+from helpers import final_weights
 
 DIGITS = {"name": "digits", "val_fraction": 0.1, "test_fraction": 0.2}
 
@@ -253,10 +253,6 @@ def probe_registered():
 def read_metrics(run_dir: Path) -> list[dict]:
     entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{k: v for k, v in e.items() if k != "train/samples_per_sec"} for e in entries]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / "final" / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ from typing import Optional
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from torchdojo import ConfigError, Trainer, load_recipe
 from torchdojo.methods import Method
 from torchdojo.registry import METHODS
 
 from conftest import make_tiny_recipe
-from helpers import assert_same_weights, comparable, fit, read_metrics, train_entries
+from helpers import assert_same_opt_state, assert_same_weights, comparable, final_weights, fit, read_metrics, train_entries
 
 TRAIN_ROWS = 280            # the tiny recipe's data: 400 rows, 10 % val, 20 % test
 
@@ -104,21 +103,6 @@ def probe_of(trainer: Trainer) -> StagesProbe:
 
 def eval_entries(entries: list[dict]) -> list[dict]:
     return [e for e in entries if "val/loss" in e and not any(k.startswith("test/") for k in e)]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / "final" / "model.safetensors"))
-
-
-def assert_same_opt_state(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for sa, sb in zip(a, b):
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            if torch.is_tensor(sa[k]):
-                assert torch.equal(sa[k], sb[k]), k
-            else:
-                assert sa[k] == sb[k], k
 
 
 def resume_copy(src: Path, dst: Path, step: int) -> tuple[Trainer, dict]:

@@ -22,7 +22,7 @@ from torchdojo.registry import METHODS
 from torchdojo.trainer import Interrupted
 
 from conftest import make_tiny_recipe
-from helpers import assert_same_weights, comparable, fit, read_metrics, train_entries
+from helpers import assert_same_opt_state, assert_same_weights, comparable, fit, read_metrics, train_entries
 
 DOJO = str(Path(sys.executable).with_name("dojo"))
 
@@ -104,17 +104,6 @@ def entry_kind(e: dict) -> str:
     if any(k.startswith("test/") for k in e):
         return "final"
     return "eval"
-
-
-def assert_same_opt_state(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for sa, sb in zip(a, b):
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            if torch.is_tensor(sa[k]):
-                assert torch.equal(sa[k], sb[k]), k
-            else:
-                assert sa[k] == sb[k], k
 
 
 # -- phases ---------------------------------------------------------------------------------------

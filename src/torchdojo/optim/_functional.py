@@ -4,6 +4,14 @@ from __future__ import annotations
 import torch
 
 
+def run_closure(closure):
+    """The loss from an optimizer closure, evaluated with gradients enabled (torch's convention)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def grads_of(group: dict, sparse_error: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The group's parameters that have a gradient, and those gradients."""
     params, grads = [], []

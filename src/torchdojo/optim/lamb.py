@@ -15,7 +15,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._functional import can_foreach, grads_of, safe_ratio, trust_value
+from ._functional import can_foreach, grads_of, run_closure, safe_ratio, trust_value
 
 
 class LAMB(Optimizer):
@@ -34,10 +34,7 @@ class LAMB(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             params, grads = grads_of(group, "LAMB does not support sparse gradients")
             if not params:

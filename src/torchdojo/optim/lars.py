@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from ._functional import can_foreach, grads_of
+from ._functional import can_foreach, grads_of, run_closure
 
 
 class LARS(Optimizer):
@@ -29,10 +29,7 @@ class LARS(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             params, grads = grads_of(group, "LARS does not support sparse gradients")
             if not params:
