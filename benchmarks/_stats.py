@@ -24,3 +24,12 @@ def verdict(diffs: list[float]) -> str:
 
 def r4(x: float) -> float:
     return round(x, 4)
+
+
+def run_figures(total_seconds: float, default_threads: int) -> dict:
+    """The run's context for the JSON line: time, versions and threads."""
+    import torch
+    import torchdojo
+    return {"total_seconds": round(total_seconds, 1), "torch": torch.__version__,
+            "torchdojo": getattr(torchdojo, "__version__", "unknown"),
+            "threads": torch.get_num_threads(), "torch_default_threads": default_threads}

@@ -54,7 +54,7 @@ import torchdojo
 from torchdojo.models import MODELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stats import mean, std, verdict, r4  # noqa: E402
+from _stats import mean, std, verdict, r4, run_figures  # noqa: E402
 
 BATCH_SIZE = 64
 LR, WEIGHT_DECAY, MIN_FACTOR = 3e-3, 0.01, 0.05
@@ -240,9 +240,7 @@ def main(argv=None) -> int:
     figures["claim_higher_T_accuracy"] = v_hot_acc
     figures["claim_higher_T_nll"] = v_hot_nll
     figures["claim_accuracy"] = main_claim
-    figures.update({"total_seconds": round(total_seconds, 1), "torch": torch.__version__,
-                    "torchdojo": getattr(torchdojo, "__version__", "unknown"),
-                    "threads": torch.get_num_threads(), "torch_default_threads": default_threads})
+    figures.update(run_figures(total_seconds, default_threads))
     print(json.dumps(figures))
     return 0
 

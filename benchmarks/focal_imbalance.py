@@ -59,7 +59,7 @@ from torchdojo.recipe import load_recipe
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import mean, std, verdict, r4  # noqa: E402
+from _stats import mean, std, verdict, r4, run_figures  # noqa: E402
 
 RATIO = 20
 BATCH_SIZE = 64
@@ -227,9 +227,7 @@ def main(argv=None) -> int:
 
     print()
     print(f"total {total_seconds:.0f} s")
-    figures.update({"total_seconds": round(total_seconds, 1), "torch": torch.__version__,
-                    "torchdojo": getattr(torchdojo, "__version__", "unknown"),
-                    "threads": torch.get_num_threads(), "torch_default_threads": default_threads})
+    figures.update(run_figures(total_seconds, default_threads))
     print(json.dumps(figures))
     return 0
 

@@ -56,7 +56,7 @@ from torchdojo.recipe import load_recipe, read_recipe_source
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import mean, std, verdict, r4  # noqa: E402
+from _stats import mean, std, verdict, r4, run_figures  # noqa: E402
 
 BATCH_SIZE = 64
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -303,9 +303,7 @@ def main(argv=None) -> int:
         figures["stages"]["stages_vs_single_phase"] = short
     print()
     print(f"total {total_seconds:.0f} s")
-    figures.update({"total_seconds": round(total_seconds, 1), "torch": torch.__version__,
-                    "torchdojo": getattr(torchdojo, "__version__", "unknown"),
-                    "threads": torch.get_num_threads(), "torch_default_threads": default_threads})
+    figures.update(run_figures(total_seconds, default_threads))
     print(json.dumps(figures))
     return 0
 
