@@ -219,7 +219,12 @@ def read_recipe_source(source: str) -> tuple[dict, str]:
             raise DojoError(f"no recipe file or built-in recipe '{source}'{did_you_mean(source, builtins)}; "
                             f"built-in recipes: {choices_text(builtins)}")
         path, where = builtins[source], f"built-in recipe '{source}'"
-    raw = parse_yaml(path.read_text(), where)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DojoError(f"{where}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                        f"save the recipe as UTF-8") from None
+    raw = parse_yaml(text, where)
     if not isinstance(raw, dict):
         raise DojoError(f"{where}: a recipe must be a YAML mapping")
     return raw, where
