@@ -43,6 +43,9 @@ class DataSpec(BaseModel):
     standardize: Optional[bool] = None        # default: yes for tables
     imbalance: Optional[ImbalanceSpec] = None
     sampler: Literal["uniform", "balanced"] = "uniform"   # balanced: class-balanced training batches
+    # Worker processes that assemble training batches. The data is in memory, so this only pays off
+    # for CPU-heavy batch transforms; results do not depend on it (see data/loader.py).
+    num_workers: int = Field(0, ge=0, le=64)
 
 
 class GroupRuleSpec(_Strict):
@@ -87,6 +90,9 @@ class PhaseSpec(_Strict):
     epochs: Optional[float] = Field(None, gt=0)
     steps: Optional[int] = Field(None, gt=0)
     batch_size: Optional[Union[int, BatchSizeSchedule]] = None
+    # Gradient accumulation: each batch is split into this many micro-batches whose gradients add up
+    # to the whole batch's, so `batch_size` keeps its meaning and only peak memory drops.
+    accumulate: Optional[int] = Field(None, ge=1)
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"   # scale LRs with batch size / the optimizer's
     optimizer_state: Literal["fresh", "carry"] = "fresh"      # carry: keep the same optimizer's state
     optimizer: Optional[dict[str, Any]] = None
@@ -115,17 +121,18 @@ class LogSpec(_Strict):
 class NonFiniteSpec(_Strict):
     """`nonfinite`: what a step with a NaN/inf loss or gradient does (see docs/reliability.md).
     `raise` stops with the step and the non-finite tensors; `skip` leaves the parameters and the
-    optimizer untouched and raises after more than `max_consecutive` skips in a row."""
+    optimizer untouched and raises after more than `max_consecutive` skips in a row; `rollback`
+    restores the last good checkpoint, multiplies the LR by `lr_factor` and goes on, raising after
+    more than `max_consecutive` rollbacks to the same checkpoint."""
     policy: str = "raise"
     max_consecutive: int = Field(5, ge=1)
+    lr_factor: float = Field(0.5, gt=0, le=1)     # rollback only
 
     @pydantic.field_validator("policy")
     @classmethod
     def _known_policy(cls, v: str) -> str:
-        if v == "rollback":
-            raise ValueError("policy 'rollback' is not implemented yet; choose from: raise, skip")
-        if v not in ("raise", "skip"):
-            raise ValueError(f"unknown policy '{v}'; choose from: raise, skip")
+        if v not in ("raise", "skip", "rollback"):
+            raise ValueError(f"unknown policy '{v}'; choose from: raise, skip, rollback")
         return v
 
 
@@ -163,6 +170,13 @@ class Recipe(_Strict):
         if spec is None:
             return self.batch_size(i - 1, 10 ** 6)
         return spec if isinstance(spec, int) else spec.at(epoch)
+
+    def accumulate(self, i: int) -> int:
+        """Micro-batches per batch in phase i; carried over from the previous phase when left out."""
+        for p in reversed(self.phases[:i + 1]):
+            if p.accumulate is not None:
+                return p.accumulate
+        return 1
 
     def losses(self, i: int) -> list[dict]:
         for p in reversed(self.phases[:i + 1]):

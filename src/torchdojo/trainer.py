@@ -46,7 +46,14 @@ class Interrupted(Exception):
 
 class NonFiniteError(DojoError):
     """A training step produced a NaN/inf loss or gradient (`nonfinite.policy: raise`, or more than
-    `nonfinite.max_consecutive` skipped steps in a row)."""
+    `nonfinite.max_consecutive` skipped steps in a row or rollbacks to one checkpoint)."""
+
+
+class _RollBack(Exception):
+    """Raised inside the loop by `nonfinite: rollback`; `fit` restores the last good checkpoint."""
+
+    def __init__(self, step: int, what: str):
+        self.step, self.what = step, what
 
 
 @dataclass
@@ -149,10 +156,11 @@ class LossMeter:
         self.count += 1
         self.samples += samples
 
-    def take(self) -> tuple[torch.Tensor, float]:
-        """(mean loss, samples/s) since the last take; resets the meter."""
+    def take(self) -> tuple[torch.Tensor | None, float]:
+        """(mean loss or None if nothing was added, samples/s) since the last take; resets the meter."""
         now = time.perf_counter()
-        mean, speed = self.total / self.count, self.samples / max(now - self.since, 1e-9)
+        mean = self.total / self.count if self.count else None
+        speed = self.samples / max(now - self.since, 1e-9)
         self.total, self.count, self.samples, self.since = None, 0, 0, now
         return mean, speed
 
@@ -181,7 +189,10 @@ class Trainer:
         self.methods: list[Method] = [METHODS.build(m, f"methods.{i}") for i, m in enumerate(recipe.methods)]
         # Only hooks a method overrides are called: unused hooks cost nothing in the step.
         self.hooks = {h: [m for m in self.methods if getattr(type(m), h) is not getattr(Method, h)] for h in HOOKS}
-        self.state = TrainState(recipe, model, data.to(self.device), task, self.device, run_dir=self.run_dir)
+        on_device = data.to(self.device)
+        if recipe.data.num_workers:      # worker processes read the training rows from CPU memory
+            on_device = DataBundle(data.train, on_device.val, on_device.test, data.info)
+        self.state = TrainState(recipe, model, on_device, task, self.device, run_dir=self.run_dir)
         self._row_weights: torch.Tensor | None = None    # the balanced sampler's, computed on first use
         # Parameter names frozen in each phase, known up front so groups never appear mid-run.
         self.frozen_by_phase = {
@@ -204,6 +215,8 @@ class Trainer:
         self._last_val: dict = {}
         self._run: MetricsFile | None = None
         self._nonfinite_skips, self._nonfinite_in_a_row = 0, 0
+        self._lr_factor = 1.0             # lowered by each `nonfinite: rollback`
+        self._rollbacks: list[int] = []   # checkpoint steps rolled back to, in order
         self._log_grad_norm = not any(isinstance(m, GradClip) for m in self.methods)   # it logs its own
 
     # -- building pieces -------------------------------------------------------------------------
@@ -220,7 +233,8 @@ class Trainer:
         with `data.sampler: balanced`, a class-balanced sample drawn with replacement instead."""
         weights = self._balanced_row_weights() if self.recipe.data.sampler == "balanced" else None
         return TensorLoader(self.state.data.train, self.recipe.batch_size(i, epoch), shuffle=True,
-                            seed=self.recipe.seed * 100 + i, drop_last=True, weights=weights)
+                            seed=self.recipe.seed * 100 + i, drop_last=True, weights=weights,
+                            num_workers=self.recipe.data.num_workers, device=self.device)
 
     def _balanced_row_weights(self) -> torch.Tensor:
         """Per training row 1 / n_class(y) (computed once): the balanced sampler draws each class about
@@ -281,6 +295,12 @@ class Trainer:
             raise ConfigError(f"{path}.schedule", str(exc)) from None
         self._has_lr_floor = any(seg.plateau is not None and seg.plateau.min_lr > 0 for seg in segments)
         self._loss_terms = self.build_losses(i)
+        self._accumulate = self.recipe.accumulate(i)
+        if self._accumulate > 1:
+            summed = [t.name for t in self._loss_terms if getattr(t.fn, "reduction", "mean") == "sum"]
+            if summed:
+                raise ConfigError(f"{path}.accumulate", f"gradient accumulation weights each micro-batch's "
+                                  f"mean loss by its share of the batch; loss {summed[0]!r} uses reduction: sum")
         self._start_epoch()
         self._set_train_mode()
 
@@ -365,21 +385,17 @@ class Trainer:
         try:
             for m in self.hooks["on_fit_start"]:
                 m.on_fit_start(s)
+            if self.recipe.nonfinite.policy == "rollback" and self.run_dir is None:
+                raise DojoError("nonfinite.policy: rollback restores the last checkpoint, so it needs a run "
+                                "directory")
             resuming = self._resume_from is not None
-            while s.phase_index < len(self.recipe.phases) and s.stop_reason is None:
-                self._enter_phase(s.phase_index)
-                for m in self.hooks["on_phase_start"]:
-                    m.on_phase_start(s)
-                if resuming:
-                    self._restore_state()
-                    resuming = False
-                self._run_phase(t_start)
-                if s.stop_reason is not None:
+            while True:
+                try:
+                    self._run_phases(t_start, resuming)
                     break
-                for m in self.hooks["on_phase_end"]:
-                    m.on_phase_end(s)
-                s.epochs_done += s.epoch_in_phase + s.batch_in_epoch / s.steps_per_epoch
-                s.phase_index, s.step_in_phase, s.epoch_in_phase, s.batch_in_epoch = s.phase_index + 1, 0, 0, 0
+                except _RollBack as bad:
+                    self._roll_back(bad)
+                    resuming = True
             summary = self._finish(t_start)
         finally:
             self.reporter.stop()
@@ -388,6 +404,55 @@ class Trainer:
                 self._run.close()
         return summary
 
+    def _run_phases(self, t_start: float, resuming: bool) -> None:
+        s = self.state
+        while s.phase_index < len(self.recipe.phases) and s.stop_reason is None:
+            self._enter_phase(s.phase_index)
+            for m in self.hooks["on_phase_start"]:
+                m.on_phase_start(s)
+            if resuming:
+                self._restore_state()
+                resuming = False
+            elif s.step == 0 and self.recipe.nonfinite.policy == "rollback":
+                self._save_checkpoint(t_start)      # something to roll back to before the first save
+            self._run_phase(t_start)
+            if s.stop_reason is not None:
+                break
+            for m in self.hooks["on_phase_end"]:
+                m.on_phase_end(s)
+            s.epochs_done += s.epoch_in_phase + s.batch_in_epoch / s.steps_per_epoch
+            s.phase_index, s.step_in_phase, s.epoch_in_phase, s.batch_in_epoch = s.phase_index + 1, 0, 0, 0
+
+    def _roll_back(self, bad: _RollBack) -> None:
+        """`nonfinite: rollback`: load the newest valid checkpoint (weights, optimizer, methods, RNG, data
+        position), lower the LR factor, and cut metrics.jsonl back to that checkpoint, plus one line
+        recording the rollback. More than `max_consecutive` rollbacks to one checkpoint raise."""
+        spec, s = self.recipe.nonfinite, self.state
+        path, _ = latest_valid_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            raise NonFiniteError(f"non-finite values at step {bad.step} in: {bad.what}; no valid checkpoint "
+                                 f"to roll back to")
+        wall_before = self._wall_before
+        self.load_checkpoint(path)
+        self._wall_before = wall_before          # wall time keeps counting from this fit's start
+        step = s.step
+        if self._rollbacks.count(step) >= spec.max_consecutive:
+            raise NonFiniteError(f"non-finite values at step {bad.step} after {spec.max_consecutive} rollbacks "
+                                 f"to the checkpoint at step {step} (nonfinite.max_consecutive), in: {bad.what}")
+        lr_factor = self._lr_factor * spec.lr_factor
+        # The rollback's own record outlives the checkpoint's (older) one when `_restore_state` runs.
+        self._resume_from[1]["rollback"] = {"lr_factor": lr_factor, "to_steps": [*self._rollbacks, step]}
+        s.optimizer, self._optimizer_phase = None, -1       # rebuilt by _enter_phase, then loaded
+        s.stop_reason = None
+        self._run.close()
+        self._run = MetricsFile(self.run_dir / "metrics.jsonl", keep_lines=self._resume_from[1]["metrics_lines"])
+        self._run.write({"step": step, "phase": self.recipe.phase_name(s.phase_index), "event": "rollback",
+                         "nonfinite_step": bad.step, "nonfinite": bad.what, "lr_factor": lr_factor,
+                         "rollbacks": len(self._resume_from[1]["rollback"]["to_steps"])})
+        self._resume_from[1]["metrics_lines"] = self._run.lines
+        self.reporter.message(f"non-finite values at step {bad.step} ({bad.what}): rolled back to step {step}, "
+                              f"LR factor now {lr_factor:.3g}")
+
     def _run_phase(self, t_start: float) -> None:
         s, ck = self.state, self.recipe.checkpoint
         log_every = self.recipe.log.every_steps
@@ -395,8 +460,9 @@ class Trainer:
         while s.step_in_phase < s.phase_steps and s.stop_reason is None:
             self._start_epoch()
             for batch in s.loader.epoch(s.epoch_in_phase, start=s.batch_in_epoch):
-                loss, parts = self._train_step(batch)
-                self._meter.add(loss, len(batch["x"]))
+                loss, parts, finite = self._train_step(batch)
+                if finite:      # a skipped step's NaN stays out of the logged mean
+                    self._meter.add(loss, len(batch["x"]))
                 if s.step % log_every == 0:
                     self._log_train(parts)
                 if ck.every_steps and s.step % ck.every_steps == 0:
@@ -421,7 +487,7 @@ class Trainer:
 
     def _train_step(self, batch: dict):
         s = self.state
-        mult = self._schedule(s.step_in_phase)
+        mult = self._schedule(s.step_in_phase) * self._lr_factor
         if self._has_lr_floor:
             floor = self._schedule.min_lr(s.step_in_phase)
             for group, base in zip(s.optimizer.param_groups, self._base_lrs):
@@ -433,11 +499,11 @@ class Trainer:
             term.weight = schedule.at(s.step, s.epoch)
         for m in self.hooks["on_batch"]:
             batch = m.on_batch(s, batch)
-        loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)
-        for m in self.hooks["on_loss"]:
-            loss = m.on_loss(s, loss, parts)
         s.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self._accumulate == 1:
+            loss, parts = self._forward_backward(batch)
+        else:
+            loss, parts = self._accumulated_forward_backward(batch)
         for m in self.hooks["on_after_backward"]:
             m.on_after_backward(s)
         finite = self._check_finite(loss)
@@ -449,16 +515,45 @@ class Trainer:
         if finite:
             for m in self.hooks["on_step_end"]:
                 m.on_step_end(s)
-        return loss.detach(), parts
+        else:
+            for m in self.hooks["on_step_skipped"]:
+                m.on_step_skipped(s)
+        return loss.detach(), parts, finite
+
+    def _forward_backward(self, batch: dict, share: float = 1.0):
+        """Loss of a (micro-)batch after the methods' `on_loss` hooks; back-propagates `share` of it."""
+        s = self.state
+        loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)
+        for m in self.hooks["on_loss"]:
+            loss = m.on_loss(s, loss, parts)
+        (loss * share if share != 1.0 else loss).backward()
+        return loss, parts
+
+    def _accumulated_forward_backward(self, batch: dict):
+        """Gradient accumulation: the batch in `accumulate` micro-batches, each loss weighted by its share
+        of the rows, so the gradients (and the returned loss and parts) are those of the whole batch
+        for mean-reduced losses. BatchNorm sees the micro-batches, so it is the one thing that differs."""
+        rows = len(batch["y"])
+        pieces = zip(*(torch.tensor_split(v, min(self._accumulate, rows)) for v in batch.values()))
+        total, parts_total = None, {}
+        for piece in pieces:
+            micro = dict(zip(batch.keys(), piece))
+            share = len(micro["y"]) / rows
+            loss, parts = self._forward_backward(micro, share)
+            total = loss.detach() * share if total is None else total + loss.detach() * share
+            for name, value in parts.items():
+                parts_total[name] = value * share + parts_total.get(name, 0.0)
+        return total, parts_total
 
     def _check_finite(self, loss: torch.Tensor) -> bool:
         """Whether this step may update the model. With `raise` (default) the loss is checked every step
         (one scalar read; a non-finite gradient makes the next loss non-finite) and the gradients on log
-        steps; with `skip` the loss and all gradients every step, in one fused reduction. Logs the total
-        gradient norm as `train/grad_norm` on log steps unless a `grad_clip` method logs it before
+        steps; with `skip` and `rollback` the loss and all gradients every step, in one fused reduction
+        (both must act before the update: a rollback must never find a poisoned checkpoint). Logs the
+        total gradient norm as `train/grad_norm` on log steps unless a `grad_clip` method logs it before
         clipping. On a non-finite value: `raise` raises NonFiniteError naming the step and the tensors;
         `skip` zeroes the gradients (the caller then skips the optimizer step and `on_step_end`) and
-        counts it in `train/nonfinite_skips`."""
+        counts it in `train/nonfinite_skips`; `rollback` raises _RollBack for `fit` to handle."""
         s, policy = self.state, self.recipe.nonfinite.policy
         log_step = (s.step + 1) % self.recipe.log.every_steps == 0
         if policy == "raise" and not log_step:
@@ -486,7 +581,10 @@ class Trainer:
         where = f"step {s.step + 1} (phase '{s.phase_name}')"
         if spec.policy == "raise":
             raise NonFiniteError(f"non-finite values at {where} in: {shown}; set `nonfinite.policy: skip` "
-                                 f"to skip such steps")
+                                 f"or `rollback` to go on")
+        if spec.policy == "rollback":
+            s.optimizer.zero_grad(set_to_none=True)
+            raise _RollBack(s.step + 1, shown)
         self._nonfinite_in_a_row += 1
         if self._nonfinite_in_a_row > spec.max_consecutive:
             raise NonFiniteError(f"{self._nonfinite_in_a_row} non-finite steps in a row (more than "
@@ -546,7 +644,9 @@ class Trainer:
     def _log_train(self, parts: dict) -> None:
         s = self.state
         loss, samples_per_sec = self._meter.take()
-        entry = {"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, "train/loss": loss.item()}
+        entry = {"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name}
+        if loss is not None:            # None: every step since the last log point was skipped
+            entry["train/loss"] = loss.item()
         for name, value in parts.items():
             if len(parts) > 1:
                 entry[f"train/loss/{name}"] = value.item()
@@ -555,10 +655,10 @@ class Trainer:
         for i, group in enumerate(s.optimizer.param_groups):
             entry[f"lr/group{i}"] = group["lr"]
         entry["train/samples_per_sec"] = round(samples_per_sec, 1)
-        self._last_train = {"train/loss": entry["train/loss"]}
+        self._last_train = {"train/loss": entry.get("train/loss", math.nan)}
         if self._run is not None:
             self._run.write(entry)
-        self.reporter.update(s.step, s.phase_name, s.epoch, entry["train/loss"], entry["lr/group0"],
+        self.reporter.update(s.step, s.phase_name, s.epoch, self._last_train["train/loss"], entry["lr/group0"],
                              samples_per_sec)
 
     def final_model(self) -> nn.Module:
@@ -618,6 +718,7 @@ class Trainer:
                 "loss_meter": self._meter.state_dict(), "metrics_lines": self._lines_logged(),
                 "schedule": self._schedule.state_dict(),
                 "nonfinite": [self._nonfinite_skips, self._nonfinite_in_a_row],
+                "rollback": {"lr_factor": self._lr_factor, "to_steps": list(self._rollbacks)},
                 "wall_seconds": self._wall_before + time.perf_counter() - t_start}
 
     def _save_checkpoint(self, t_start: float) -> None:
@@ -692,6 +793,8 @@ class Trainer:
         for m, sd in zip(self.methods, state["methods"]):
             m.load_state_dict(sd)
         self._nonfinite_skips, self._nonfinite_in_a_row = state.get("nonfinite", (0, 0))   # older: none
+        rollback = state.get("rollback", {"lr_factor": 1.0, "to_steps": []})
+        self._lr_factor, self._rollbacks = rollback["lr_factor"], list(rollback["to_steps"])
         _set_rng_state(state["rng"])
 
     @classmethod

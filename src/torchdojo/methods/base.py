@@ -26,6 +26,10 @@ class Method:
     def on_step_end(self, state) -> None:
         """After the optimizer step; `state.step` already counts it."""
 
+    def on_step_skipped(self, state) -> None:
+        """Instead of `on_step_end` when `nonfinite: skip` skipped the update (parameters unchanged);
+        `state.step` counts the step all the same."""
+
     def on_eval_model(self, state, model):
         """Return the model to evaluate (e.g. averaged weights)."""
         return model

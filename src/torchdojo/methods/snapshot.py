@@ -52,6 +52,10 @@ class SnapshotEnsemble(Method):
         wanted = self.phase in (None, state.phase_name)
         self._ends = set(state.schedule.cycle_ends()) if wanted else set()
 
+    def on_step_skipped(self, state) -> None:
+        # A skipped cycle end still ends the cycle: the unchanged weights are its snapshot.
+        self.on_step_end(state)
+
     def on_step_end(self, state) -> None:
         if state.step_in_phase in self._ends:
             weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
