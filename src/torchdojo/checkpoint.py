@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,24 @@ from .errors import DojoError
 WEIGHTS, STATE, MANIFEST = "model.safetensors", "state.pt", "manifest.json"
 MANIFEST_FORMAT = 1
 TMP_PREFIX = ".tmp-"
+# torch.load(weights_only=True) before 2.6 can be made to run code by a crafted file (CVE-2025-32434).
+MIN_TORCH_FOR_LOADING = (2, 6)
+
+
+def _torch_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) of a torch version string such as '2.5.1+cpu' or '2.6.0a0+git1234'."""
+    m = re.match(r"\s*(\d+)\.(\d+)", str(text))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_torch_can_load(what: str) -> None:
+    """Refuse to unpickle checkpoint state with a torch whose `weights_only=True` is not safe."""
+    version = _torch_version(torch.__version__)
+    if version is None or version < MIN_TORCH_FOR_LOADING:
+        need = ".".join(map(str, MIN_TORCH_FOR_LOADING))
+        raise DojoError(f"{what}: loading checkpoints needs torch >= {need}, this is torch {torch.__version__} "
+                        f"(older torch.load(weights_only=True) can run code from a crafted file, "
+                        f"CVE-2025-32434); upgrade torch")
 
 
 def _fsync(path: Path) -> None:
@@ -102,20 +121,47 @@ def save_checkpoint(folder: Path, name: str, model: torch.nn.Module, state: dict
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
+    # A second save of the same step (the epoch's end after a step save) gets its own name, so no
+    # valid folder is ever replaced: at every moment the previous checkpoint is still there under its
+    # name. A damaged one under the name (a resume fell back past it) holds nothing worth keeping.
+    if final.exists() and validate_checkpoint(final) is not None:
+        _remove(final)
+    k = 0
+    while final.exists():
+        k += 1
+        final = folder / f"{name}-{k}"
     os.replace(tmp, final)
     _fsync(folder)
     for old in list_checkpoints(folder)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder invisibly: rename it to a temporary name first, so a crash midway
+    leaves a `.tmp-` folder (cleaned up by the next save), never a half-deleted one under a real name."""
+    doomed = checkpoint.with_name(f"{TMP_PREFIX}old-{checkpoint.name}")
+    try:
+        os.replace(checkpoint, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _order(path: Path) -> tuple[int, int]:
+    """(step, repeat) of `step-N` or `step-N-k` (k-th re-save of step N)."""
+    parts = path.name.split("-")
+    try:
+        return int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    except (IndexError, ValueError):
+        return -1, 0
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
     """Step checkpoint folders, oldest first, valid or not (temporary `.tmp-*` folders are not listed)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("step-*") if p.is_dir())
+    return sorted((p for p in folder.glob("step-*") if p.is_dir()), key=lambda p: (_order(p), p.name))
 
 
 def latest_valid_checkpoint(folder: Path) -> tuple[Path | None, list[str]]:
@@ -129,15 +175,26 @@ def latest_valid_checkpoint(folder: Path) -> tuple[Path | None, list[str]]:
     return None, warnings
 
 
+def _one_line(exc: BaseException) -> str:
+    """The gist of a loader's error on one line: torch's weights-only refusal is several lines of advice
+    (including how to load unsafely) around one `WeightsUnpickler error: ...` line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    gist = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+    return re.sub(r"\x1b\[[0-9;]*m", "", gist)
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """(weights, state) of one checkpoint folder, checked against its manifest first; never unpickles
-    arbitrary objects."""
+    arbitrary objects, and refuses to load at all with a torch older than 2.6."""
+    check_torch_can_load(f"checkpoint {path}")
     reason = validate_checkpoint(path)
     if reason is not None:
         raise DojoError(f"checkpoint {path} is not usable: {reason}")
+    name = WEIGHTS
     try:
         weights = load_file(str(path / WEIGHTS))
+        name = STATE
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # any corruption: say which checkpoint, never fall back to unsafe loading
-        raise DojoError(f"checkpoint {path} cannot be read: {exc}") from None
+        raise DojoError(f"checkpoint {path} cannot be read: {name}: {type(exc).__name__}: {_one_line(exc)}") from None
     return weights, state

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -24,6 +25,8 @@ def main():
     Start with:   dojo train quickstart
     List recipes: dojo recipes        List data: dojo datasets
     """
+    # Warnings (a skipped damaged checkpoint, ...) are one line for a user, not a source listing.
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -63,8 +66,7 @@ def resume(run_dir, quiet):
     """Continue an interrupted run from its last checkpoint."""
     from .trainer import Trainer
 
-    summary = Path(run_dir) / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
+    if _run_status(Path(run_dir)) == "finished":
         raise DojoError(f"{run_dir} has already finished; nothing to resume (see `dojo eval {run_dir}`)")
     trainer = Trainer.from_run_dir(run_dir, quiet=quiet)
     if trainer.checkpoint_step is None:
@@ -72,6 +74,15 @@ def resume(run_dir, quiet):
     if not quiet:
         click.echo(f"resuming {run_dir} at step {trainer.state.step} of {trainer.total_steps}")
     trainer.fit()
+
+
+def _run_status(run_dir: Path) -> str | None:
+    """`status` from summary.json (finished, interrupted), or None if it is missing or unreadable."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary.get("status") if isinstance(summary, dict) else None
 
 
 def _load_for_inference(run_dir: str):
@@ -122,7 +133,7 @@ def predict(run_dir, input_path, output_path):
     trainer, models = _load_for_inference(run_dir)
     info = trainer.state.data.info
     x = _read_inputs(input_path, info)
-    tensor = info.prepare(x).to(trainer.device)
+    tensor = info.prepare(x, source=input_path).to(trainer.device)
     columns: dict[str, list] = {}
     with torch.no_grad():
         for name, model in models.items():     # the final model, then e.g. "ensemble/prediction"
@@ -143,18 +154,13 @@ def predict(run_dir, input_path, output_path):
 
 
 def _read_inputs(path: str, info):
-    import numpy as np
-
-    from .data.files import DataError, numeric_matrix, read_csv
+    from .data.files import DataError, numeric_matrix, read_csv, read_npz_arrays
 
     if path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if "x" not in f.files:
-                    raise DataError(f"{path}: no array 'x' (found: {', '.join(f.files)})")
-                return f["x"]
-        except (ValueError, OSError) as exc:   # object arrays (pickles) and non-NPZ files are refused
-            raise DataError(f"{path}: not a readable NPZ file of numbers ({exc})") from None
+        arrays = read_npz_arrays(path)      # pickles, truncated and non-NPZ files are a DataError
+        if "x" not in arrays:
+            raise DataError(f"{path}: no array 'x' (found: {', '.join(arrays) or 'none'})")
+        return arrays["x"]
     table = read_csv(path)
     names = info.feature_names
     if names and all(n in table.columns for n in names):

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .atomic import atomic_write_text
+
 
 class MetricsFile:
     """Appends one JSON object per line; each line is flushed so a crash loses nothing logged."""
@@ -21,9 +23,10 @@ class MetricsFile:
         records how many there were); the rest will be produced again."""
         self.path = path
         lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        if keep_lines is not None:
+        if keep_lines is not None and keep_lines < len(lines):
+            # Cut back atomically: a kill during the rewrite must not lose lines the checkpoint covers.
             lines = lines[:keep_lines]
-            path.write_text("".join(line + "\n" for line in lines))
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
         self.lines = len(lines)
         self._fh = path.open("a")
 

@@ -22,7 +22,7 @@ from .registry import DATASETS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, 
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ImbalanceSpec(_Strict):
@@ -35,7 +35,7 @@ class ImbalanceSpec(_Strict):
 
 class DataSpec(BaseModel):
     """`data:`: the dataset's own options (by `name`) plus how to split it."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -198,6 +198,12 @@ def _construct_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:       # a list or mapping as a key (`{[1]: 2}`, `? [a]`)
+            raise yaml.constructor.ConstructorError(None, None, f"unhashable key {type(key).__name__} "
+                                                    "(a mapping key must be a plain value)",
+                                                    key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
         seen.add(key)
@@ -215,6 +221,8 @@ def parse_yaml(text: str, where: str) -> Any:
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise DojoError(f"{where}{at}: invalid YAML: {problem}") from None
+    except RecursionError:      # the composer recurses once per nesting level
+        raise DojoError(f"{where}: invalid YAML: nested too deeply") from None
 
 
 def builtin_recipes() -> dict[str, Path]:

@@ -33,7 +33,7 @@ class Entry:
         """A pydantic model of the keys a recipe may set for this component (unknown keys forbidden)."""
         fields: dict[str, Any] = {}
         if self.config is not None:
-            hints = typing.get_type_hints(self.config)
+            hints = typing.get_type_hints(self.config, include_extras=True)
             for f in dataclasses.fields(self.config):
                 if f.default is not dataclasses.MISSING:
                     default = f.default
@@ -44,7 +44,7 @@ class Entry:
                 fields[f.name] = (hints.get(f.name, Any), default)
         else:
             target = self.factory.__init__ if inspect.isclass(self.factory) else self.factory
-            hints = typing.get_type_hints(target)
+            hints = typing.get_type_hints(target, include_extras=True)
             for p in inspect.signature(self.factory).parameters.values():
                 if p.name in self.injected or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                     continue
@@ -52,7 +52,7 @@ class Entry:
                 fields[p.name] = (hints.get(p.name, Any), default)
         return pydantic.create_model(
             f"{self.name}_options",
-            __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+            __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
             **fields,
         )
 
@@ -87,6 +87,9 @@ class Registry:
         return name in self._entries
 
     def get(self, name: str, path: str = "name") -> Entry:
+        if not isinstance(name, str):      # a list or mapping would not even be hashable
+            raise ConfigError(path, f"expected the name of a {self.kind} (a string), got {name!r}; "
+                                    f"choose one of: {choices_text(self._entries)}")
         if name not in self._entries:
             raise ConfigError(path, f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; "
                                     f"choose one of: {choices_text(self._entries)}")

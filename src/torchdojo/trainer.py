@@ -22,6 +22,7 @@ from torch import nn
 
 from safetensors.torch import load_file
 
+from .atomic import atomic_write_text
 from .checkpoint import WEIGHTS, latest_valid_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from .data import DataBundle, TensorLoader, load_data
 from .errors import ConfigError, DojoError, choices_text
@@ -687,7 +688,7 @@ class Trainer:
             final = self.run_dir / "checkpoints" / "final"
             final.mkdir(parents=True, exist_ok=True)
             save_weights(model, final / WEIGHTS)
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             self._run.write({"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics})
         self.reporter.stop()
         self.reporter.table(metrics, f"{self.recipe.name}: final metrics")
@@ -699,8 +700,8 @@ class Trainer:
         if self.run_dir is None:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(self._recipe_yaml)
-        (self.run_dir / "data_info.json").write_text(json.dumps(self.state.data.info.to_dict(), indent=2) + "\n")
+        atomic_write_text(self.run_dir / "recipe.yaml", self._recipe_yaml)
+        atomic_write_text(self.run_dir / "data_info.json", json.dumps(self.state.data.info.to_dict(), indent=2) + "\n")
         keep = self._resume_from[1]["metrics_lines"] if self._resume_from else None
         return MetricsFile(self.run_dir / "metrics.jsonl", keep_lines=keep)
 
@@ -803,9 +804,18 @@ class Trainer:
         run_dir = Path(run_dir)
         if not (run_dir / "recipe.yaml").is_file():
             raise DojoError(f"{run_dir} is not a run directory (no recipe.yaml)")
-        from .recipe import parse_yaml
-        recipe = load_recipe(parse_yaml((run_dir / "recipe.yaml").read_text(), str(run_dir / "recipe.yaml")))
+        from .recipe import read_recipe_source
+        raw, _ = read_recipe_source(str(run_dir / "recipe.yaml"))     # one clear error if it is damaged
+        recipe = load_recipe(raw)
         trainer = cls(recipe, run_dir, quiet=quiet)
+        info_file = run_dir / "data_info.json"
+        if info_file.is_file():        # the data file may have changed since training (a new label, ...)
+            try:
+                saved = json.loads(info_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise DojoError(f"{info_file} cannot be read: {exc}") from None
+            source = getattr(recipe.data, "path", None) or f"data '{recipe.data.name}'"
+            trainer.state.data.info.check_same_data(saved, str(source))
         if checkpoint is not None:            # asked for explicitly: refuse it if invalid, no fallback
             trainer.load_checkpoint(Path(checkpoint))
             return trainer
@@ -836,7 +846,7 @@ class Trainer:
         if self.run_dir is not None:
             summary = {"recipe": self.recipe.name, "status": "interrupted", "steps": self.state.step,
                        "metrics": {}, "wall_seconds": round(self._wall_before + time.perf_counter() - t_start, 3)}
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         code = 130 if self._interrupt == signal.SIGINT else 143
         raise Interrupted(code, self.run_dir)
 

@@ -10,7 +10,7 @@ from ..errors import ConfigError, DojoError
 from .raw import RawDataset
 
 # `data:` keys that make_bundle and the trainer handle, not the dataset factory.
-SPLIT_KEYS = ("val_fraction", "test_fraction", "split_seed", "standardize", "imbalance", "sampler")
+SPLIT_KEYS = ("val_fraction", "test_fraction", "split_seed", "standardize", "imbalance", "sampler", "num_workers")
 
 
 @dataclass
@@ -36,23 +36,60 @@ class DataInfo:
     def from_dict(cls, d: dict) -> "DataInfo":
         return cls(**d)
 
-    def prepare(self, x: np.ndarray) -> torch.Tensor:
-        """Raw inputs (as in the data files) to the tensor the model was trained on."""
-        x = np.asarray(x, dtype=np.float32)
+    def prepare(self, x: np.ndarray, source: str | None = None) -> torch.Tensor:
+        """Raw inputs (as in the data files) to the tensor the model was trained on. `source` (the input
+        file) prefixes error messages."""
+        at = f"{source}: " if source else ""
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise DojoError(f"{at}inputs must be numbers (got an array of dtype {x.dtype})")
+        with np.errstate(over="ignore"):        # float64 beyond float32's range becomes inf: refused below
+            x = x.astype(np.float32)
         if x.ndim == len(self.input_shape) and len(self.input_shape) > 1:
             x = x[None]
         if tuple(x.shape[1:]) != tuple(self.input_shape):
             if x.ndim == 2 and int(np.prod(self.input_shape)) == x.shape[1]:
                 x = x.reshape(len(x), *self.input_shape)   # flattened images or sequences in a CSV
             else:
-                raise DojoError(f"inputs have shape {tuple(x.shape[1:])} per row, the model expects "
+                raise DojoError(f"{at}inputs have shape {tuple(x.shape[1:])} per row, the model expects "
                                 f"{tuple(self.input_shape)}")
         if not np.all(np.isfinite(x)):
-            raise DojoError("inputs contain NaN or infinite values")
+            row = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0])
+            raise DojoError(f"{at}inputs contain NaN or infinite values (row {row})")
         if self.x_mean is not None:
             shape = tuple(self.input_shape)
             x = (x - np.asarray(self.x_mean, np.float32).reshape(shape)) / np.asarray(self.x_std, np.float32).reshape(shape)
         return torch.from_numpy(np.ascontiguousarray(x))
+
+    def check_same_data(self, saved: dict, source: str) -> None:
+        """Refuse data that no longer fits a trained run. `saved` is the run's `data_info.json` and this
+        the info of the data as it reads now (a CSV may have been edited since): a new label, a lost
+        class, another shape or other feature columns would not match the model's weights."""
+        from .files import DataError
+
+        if saved.get("task_type") != self.task_type:
+            raise DataError(f"{source}: the data now reads as {self.task_type} data; the run was trained on "
+                            f"{saved.get('task_type')} data")
+        old = [str(c) for c in saved.get("class_names") or []]
+        new_labels = [c for c in self.class_names if c not in old]
+        if new_labels:
+            raise DataError(f"{source}: label {new_labels[0]!r} is not one of the {len(old)} classes the run was "
+                            f"trained on ({', '.join(old[:10])}{', ...' if len(old) > 10 else ''})")
+        if list(self.class_names) != old:
+            lost = [c for c in old if c not in self.class_names]
+            raise DataError(f"{source}: the data no longer has the class(es) the run was trained on: "
+                            f"{', '.join(lost[:5])}")
+        if list(self.input_shape) != list(saved.get("input_shape") or []):
+            raise DataError(f"{source}: rows have shape {tuple(self.input_shape)}, the run was trained on "
+                            f"{tuple(saved.get('input_shape') or ())}")
+        if self.num_outputs != saved.get("num_outputs"):
+            raise DataError(f"{source}: the data has {self.num_outputs} target(s), the run was trained on "
+                            f"{saved.get('num_outputs')}")
+        old_features = list(saved.get("feature_names") or [])
+        if old_features and list(self.feature_names) != old_features:
+            missing = [f for f in old_features if f not in self.feature_names]
+            raise DataError(f"{source}: the feature columns changed since training"
+                            + (f" (missing: {', '.join(missing[:5])})" if missing else ""))
 
     def target_to_original(self, y: torch.Tensor) -> torch.Tensor:
         if self.y_mean is None:
@@ -89,16 +126,18 @@ class DataBundle:
         return DataBundle(self.train.to(device), self.val.to(device), self.test.to(device), self.info)
 
 
-def _split_indices(y: np.ndarray, fraction: float, seed: int, stratify: bool, what: str):
+def _split_indices(y: np.ndarray, fraction: float, seed: int, stratify: bool, what: str, source: str = "data"):
     from sklearn.model_selection import train_test_split
 
     n = len(y)
     n_out = int(round(n * fraction))
     if n_out < 1 or n - n_out < 1:
-        raise DojoError(f"data: a {what} fraction of {fraction} of {n} rows leaves an empty split; "
+        raise DojoError(f"{source}: a {what} fraction of {fraction:.4g} of {n} rows leaves an empty split; "
                         "change the fraction or use more data")
     idx = np.arange(n)
-    strat = y if stratify and np.min(np.bincount(y)) >= 2 and n_out >= len(np.unique(y)) else None
+    # Stratify only where every class can be in both parts (else sklearn refuses the split).
+    n_classes = len(np.unique(y))
+    strat = y if stratify and np.min(np.bincount(y)) >= 2 and min(n_out, n - n_out) >= n_classes else None
     keep, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True, stratify=strat)
     return np.sort(keep), np.sort(out)
 
@@ -128,29 +167,31 @@ def _imbalance_train(y_train: np.ndarray, num_classes: int, ratio: float, minori
 
 
 def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int,
-                standardize: bool | None = None, imbalance: dict | None = None) -> DataBundle:
+                standardize: bool | None = None, imbalance: dict | None = None,
+                source: str = "data") -> DataBundle:
     """Stratified (for classes) train/val/test split, standardisation fitted on train only.
 
     Both fractions are shares of the whole dataset; with a dataset's own test set, `val_fraction` is a
     share of its training rows. `imbalance` ({ratio, minority}) then subsamples the minority classes of
-    the training split only (val and test keep every row, so their metrics stay comparable)."""
+    the training split only (val and test keep every row, so their metrics stay comparable). `source`
+    (the data file, or "data") starts error messages."""
     classify = raw.task_type == "classification"
     if len(raw.x) == 0:
-        raise DojoError("data: the dataset is empty")
+        raise DojoError(f"{source}: the dataset is empty")
     if classify and raw.class_names and np.max(raw.y) >= len(raw.class_names):
-        raise DojoError(f"data: label {int(np.max(raw.y))} is out of range for {len(raw.class_names)} classes")
+        raise DojoError(f"{source}: label {int(np.max(raw.y))} is out of range for {len(raw.class_names)} classes")
     x, y = raw.x, raw.y
     if raw.x_test is not None:
         x_test, y_test = raw.x_test, raw.y_test
     else:
-        keep, test_idx = _split_indices(y, test_fraction, seed, classify, "test")
+        keep, test_idx = _split_indices(y, test_fraction, seed, classify, "test", source)
         x, y, x_test, y_test = x[keep], y[keep], x[test_idx], y[test_idx]
     if raw.x_test is None:
         if val_fraction + test_fraction >= 1:
-            raise DojoError(f"data: val_fraction + test_fraction = {val_fraction + test_fraction} leaves no "
+            raise DojoError(f"{source}: val_fraction + test_fraction = {val_fraction + test_fraction:.4g} leaves no "
                             "training data")
         val_fraction = val_fraction / (1 - test_fraction)   # both fractions are shares of the whole set
-    keep, val_idx = _split_indices(y, val_fraction, seed + 1, classify, "val")
+    keep, val_idx = _split_indices(y, val_fraction, seed + 1, classify, "val", source)
     x_train, y_train, x_val, y_val = x[keep], y[keep], x[val_idx], y[val_idx]
     num_classes = (len(raw.class_names) or int(np.max(raw.y)) + 1) if classify else 0
     if imbalance is not None:
@@ -194,4 +235,5 @@ def load_data(spec: dict, seed: int) -> DataBundle:
                                           f"this dataset is {raw.task_type} data")
     split_seed = spec.get("split_seed")
     return make_bundle(raw, spec.get("val_fraction", 0.1), spec.get("test_fraction", 0.2),
-                       seed if split_seed is None else split_seed, spec.get("standardize"), spec.get("imbalance"))
+                       seed if split_seed is None else split_seed, spec.get("standardize"), spec.get("imbalance"),
+                       source=f"data ({spec['path']})" if spec.get("path") else "data")

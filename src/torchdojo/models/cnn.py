@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._types import Dropout, Width
+
 
 @dataclass
 class CNNConfig:
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    hidden: int = 128
-    dropout: float = 0.0
+    channels: list[Width] = field(default_factory=lambda: [32, 64])
+    hidden: Width = 128
+    dropout: Dropout = 0.0
     batch_norm: bool = True
 
 

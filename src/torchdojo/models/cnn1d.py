@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._types import Dropout, Width
+
 
 @dataclass
 class CNN1dConfig:
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    kernel_size: int = 5
-    hidden: int = 128
-    dropout: float = 0.0
+    channels: list[Width] = field(default_factory=lambda: [32, 64])
+    kernel_size: Width = 5
+    hidden: Width = 128
+    dropout: Dropout = 0.0
     batch_norm: bool = True
 
 

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._types import Dropout, Width
+
 
 @dataclass
 class GRUConfig:
-    hidden: int = 64
-    layers: int = 1
+    hidden: Width = 64
+    layers: Width = 1
     bidirectional: bool = False
-    dropout: float = 0.0
+    dropout: Dropout = 0.0
 
 
 class GRU(nn.Module):

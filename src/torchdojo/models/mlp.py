@@ -7,13 +7,15 @@ from typing import Literal
 
 from torch import nn
 
+from ._types import Dropout, Width
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 @dataclass
 class MLPConfig:
-    hidden: list[int] = field(default_factory=lambda: [128, 128])
-    dropout: float = 0.0
+    hidden: list[Width] = field(default_factory=lambda: [128, 128])
+    dropout: Dropout = 0.0
     activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
     batch_norm: bool = False
 
