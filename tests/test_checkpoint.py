@@ -163,3 +163,42 @@ def test_checkpoint_without_manifest_is_refused(interrupted_run):
         Trainer.from_run_dir(interrupted_run, quiet=True, checkpoint=newest)
     with pytest.warns(UserWarning, match="no manifest.json"):
         assert Trainer.from_run_dir(interrupted_run, quiet=True).checkpoint_step == 20
+
+
+def test_resaves_of_a_step_never_replace_a_checkpoint_and_the_newest_survives_pruning(tmp_path):
+    """A step saved again (after the epoch's validation) goes under `step-N-k`, one past the highest
+    repeat, so with keep_last: 1 the newest save is always the one kept."""
+    folder, model = tmp_path / "checkpoints", torch.nn.Linear(3, 2)
+    names = [save_checkpoint(folder, "step-00000016", model, {"lines": k}, keep_last=1).name for k in range(4)]
+    assert names == ["step-00000016", "step-00000016-1", "step-00000016-2", "step-00000016-3"]
+    latest, _ = latest_valid_checkpoint(folder)
+    assert latest.name == "step-00000016-3" and load_checkpoint(latest)[1] == {"lines": 3}
+    assert [p.name for p in folder.iterdir()] == ["step-00000016-3"]
+    # Steps still order numerically around their repeats.
+    save_checkpoint(folder, "step-00000017", model, {"lines": 9}, keep_last=2)
+    assert _steps(tmp_path) == ["step-00000016-3", "step-00000017"]
+
+
+def test_a_damaged_checkpoint_under_the_name_is_replaced(tmp_path):
+    folder, model = tmp_path / "checkpoints", torch.nn.Linear(3, 2)
+    first = save_checkpoint(folder, "step-00000004", model, {"v": 1}, keep_last=3)
+    _truncate(first / STATE)
+    again = save_checkpoint(folder, "step-00000004", model, {"v": 2}, keep_last=3)
+    assert again.name == "step-00000004" and load_checkpoint(again)[1] == {"v": 2}
+
+
+def test_finishing_a_run_removes_leftovers_of_crashed_saves(interrupted_run):
+    (interrupted_run / "checkpoints" / ".tmp-old-step-00000008").mkdir()
+    res = CliRunner().invoke(main, ["resume", str(interrupted_run), "-q"])
+    assert res.exit_code == 0, res.output
+    assert not list((interrupted_run / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_refuses_a_recipe_yaml_that_differs_from_the_checkpoint(interrupted_run):
+    path = interrupted_run / "recipe.yaml"
+    path.write_text(path.read_text().replace("steps: 18", "steps: 9"))
+    before = sorted(p.name for p in (interrupted_run / "checkpoints").iterdir())
+    res = CliRunner().invoke(main, ["resume", str(interrupted_run), "-q"])
+    assert res.exit_code == 2
+    assert "recipe.yaml differs from the recipe saved in checkpoint" in res.stderr and "Traceback" not in res.output
+    assert sorted(p.name for p in (interrupted_run / "checkpoints").iterdir()) == before

@@ -93,7 +93,8 @@ def stopped_copy(run_dir: Path, dest: Path, step: int) -> Path:
     for ck in list_checkpoints(dest / "checkpoints"):
         if int(ck.name.split("-")[1]) > step:
             shutil.rmtree(ck)
-    assert list_checkpoints(dest / "checkpoints")[-1].name == f"step-{step:08d}"
+    # At a phase end the step is saved again after validation, as `step-N-1`.
+    assert list_checkpoints(dest / "checkpoints")[-1].name.startswith(f"step-{step:08d}")
     return dest
 
 
@@ -209,9 +210,15 @@ RESUME_CASES = {
 }
 
 
+def _shipped(registry) -> set[str]:
+    """Names registered by torchdojo itself (test modules register probes of their own)."""
+    return {n for n in registry.names() if registry.get(n).factory.__module__.startswith("torchdojo.")}
+
+
 def test_every_task_and_method_has_a_resume_parity_case():
     listed = set(RESUME_CASES)
-    registered = {f"task:{n}" for n in TASKS.names()} | {f"method:{n}" for n in METHODS.names()}
+    registered = {f"task:{n}" for n in _shipped(TASKS)} | {f"method:{n}" for n in _shipped(METHODS)}
+    assert len(registered) >= 8
     assert registered <= listed, f"add resume-parity cases for: {sorted(registered - listed)}"
 
 

@@ -108,8 +108,7 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 def save_checkpoint(folder: Path, name: str, model: torch.nn.Module, state: dict, keep_last: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final, tmp = folder / name, folder / f"{TMP_PREFIX}{name}"
-    for leftover in folder.glob(f"{TMP_PREFIX}*"):    # from an earlier save that crashed
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_leftovers(folder)
     tmp.mkdir()
     try:
         save_weights(model, tmp / WEIGHTS)
@@ -126,15 +125,21 @@ def save_checkpoint(folder: Path, name: str, model: torch.nn.Module, state: dict
     # name. A damaged one under the name (a resume fell back past it) holds nothing worth keeping.
     if final.exists() and validate_checkpoint(final) is not None:
         _remove(final)
-    k = 0
-    while final.exists():
-        k += 1
-        final = folder / f"{name}-{k}"
+    step = _order(final)[0]
+    repeats = [_order(p)[1] for p in folder.glob(f"{name}*") if p.is_dir() and _order(p)[0] == step]
+    if repeats:                 # after the highest repeat, so it also sorts last when older ones are gone
+        final = folder / f"{name}-{max(repeats) + 1}"
     os.replace(tmp, final)
     _fsync(folder)
     for old in list_checkpoints(folder)[:-keep_last]:
         _remove(old)
     return final
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete `.tmp-*` folders: saves or deletions that a crash interrupted (never listed as checkpoints)."""
+    for leftover in Path(folder).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _remove(checkpoint: Path) -> None:

@@ -23,7 +23,8 @@ from torch import nn
 from safetensors.torch import load_file
 
 from .atomic import atomic_write_text
-from .checkpoint import WEIGHTS, latest_valid_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import (WEIGHTS, latest_valid_checkpoint, load_checkpoint, remove_leftovers, save_checkpoint,
+                         save_weights)
 from .data import DataBundle, TensorLoader, load_data
 from .errors import ConfigError, DojoError, choices_text
 from .log import MetricsFile, Reporter
@@ -685,6 +686,7 @@ class Trainer:
         summary = {"recipe": self.recipe.name, "status": "finished", "metrics": metrics, "steps": s.step,
                    "epochs": round(s.epoch, 4), "wall_seconds": round(wall, 3), "stop_reason": s.stop_reason}
         if self.run_dir is not None:
+            remove_leftovers(self.run_dir / "checkpoints")     # of a crash inside an earlier save
             final = self.run_dir / "checkpoints" / "final"
             final.mkdir(parents=True, exist_ok=True)
             save_weights(model, final / WEIGHTS)
@@ -735,6 +737,7 @@ class Trainer:
         weights, state = load_checkpoint(path)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise DojoError(f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+        self._check_recipe_matches(path, state["recipe"])
         self.state.model.load_state_dict(weights)
         s = self.state
         s.phase_index, s.step = state["phase_index"], state["step"]
@@ -805,8 +808,12 @@ class Trainer:
         if not (run_dir / "recipe.yaml").is_file():
             raise DojoError(f"{run_dir} is not a run directory (no recipe.yaml)")
         from .recipe import read_recipe_source
-        raw, _ = read_recipe_source(str(run_dir / "recipe.yaml"))     # one clear error if it is damaged
-        recipe = load_recipe(raw)
+        recipe_file = run_dir / "recipe.yaml"
+        raw, _ = read_recipe_source(str(recipe_file))     # one clear error if it is damaged
+        try:
+            recipe = load_recipe(raw)
+        except DojoError as exc:
+            raise DojoError(f"{recipe_file}: {exc}") from None
         trainer = cls(recipe, run_dir, quiet=quiet)
         info_file = run_dir / "data_info.json"
         if info_file.is_file():        # the data file may have changed since training (a new label, ...)
@@ -825,6 +832,13 @@ class Trainer:
         if path is not None:
             trainer.load_checkpoint(path)
         return trainer
+
+    def _check_recipe_matches(self, path: Path, saved: str) -> None:
+        """The run's recipe.yaml must be the recipe the checkpoint was trained with (each checkpoint keeps
+        a copy, covered by its sha256): a changed or damaged file would silently train something else."""
+        if saved != self._recipe_yaml:
+            raise DojoError(f"{self.run_dir / 'recipe.yaml'} differs from the recipe saved in checkpoint {path} "
+                            f"(the file was edited or damaged); restore it, or start a new run")
 
     # -- signals -----------------------------------------------------------------------------------
 
