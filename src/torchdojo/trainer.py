@@ -236,7 +236,9 @@ class Trainer:
         weights = self._balanced_row_weights() if self.recipe.data.sampler == "balanced" else None
         return TensorLoader(self.state.data.train, self.recipe.batch_size(i, epoch), shuffle=True,
                             seed=self.recipe.seed * 100 + i, drop_last=True, weights=weights,
-                            num_workers=self.recipe.data.num_workers, device=self.device)
+                            num_workers=self.recipe.data.num_workers,
+                            # Without workers the rows already live on the device.
+                            device=self.device if self.recipe.data.num_workers else None)
 
     def _balanced_row_weights(self) -> torch.Tensor:
         """Per training row 1 / n_class(y) (computed once): the balanced sampler draws each class about
