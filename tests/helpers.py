@@ -18,9 +18,13 @@ def train_entries(entries: list[dict]) -> list[dict]:
     return [e for e in entries if "train/loss" in e]
 
 
+# Measurements of the machine, not of the training: they legitimately differ between identical runs.
+MACHINE_KEYS = ("train/samples_per_sec", "diag/samples_per_sec", "diag/peak_memory_mb")
+
+
 def comparable(entries: list[dict]) -> list[dict]:
-    """Entries without the wall-clock throughput, which legitimately differs between runs."""
-    return [{k: v for k, v in e.items() if k != "train/samples_per_sec"} for e in entries]
+    """Entries without wall-clock throughput and memory, which legitimately differ between runs."""
+    return [{k: v for k, v in e.items() if k not in MACHINE_KEYS} for e in entries]
 
 
 def fit(recipe: dict, run_dir: Path | None) -> tuple[Trainer, dict]:

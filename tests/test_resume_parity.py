@@ -207,6 +207,7 @@ RESUME_CASES = {
     "method:early_stopping": lambda r, tmp: _early_stopping(r),
     "method:swa": lambda r, tmp: _swa(r),
     "method:snapshot_ensemble": lambda r, tmp: _snapshot(r),
+    "method:diagnostics": lambda r, tmp: _with_methods({"name": "diagnostics", "every_steps": 3})(r),
 }
 
 

@@ -15,13 +15,35 @@ from rich.table import Table
 from .atomic import atomic_write_text
 
 
-class MetricsFile:
-    """Appends one JSON object per line; each line is flushed so a crash loses nothing logged."""
+class TensorBoardSink:
+    """Every numeric value of a metrics line as a TensorBoard scalar (tag = its metrics.jsonl key, x =
+    its `step`), under the run's `tb/` folder: `tensorboard --logdir runs` shows all runs. On resume,
+    TensorBoard's purge_step hides the events after the checkpoint's step, which will be logged again."""
 
-    def __init__(self, path: Path, keep_lines: int | None = None):
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter   # imports tensorboard: only when it is used
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step, flush_secs=10)
+
+    def write(self, entry: dict) -> None:
+        step = entry.get("step")
+        if not isinstance(step, int):
+            return
+        for key, value in entry.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MetricsFile:
+    """Appends one JSON object per line; each line is flushed so a crash loses nothing logged. With a
+    `tensorboard` sink, the same lines also go to TensorBoard."""
+
+    def __init__(self, path: Path, keep_lines: int | None = None, tensorboard: TensorBoardSink | None = None):
         """`keep_lines`: on resume, keep only the lines written before the checkpoint (a checkpoint
         records how many there were); the rest will be produced again."""
-        self.path = path
+        self.path, self.tensorboard = path, tensorboard
         lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         if keep_lines is not None and keep_lines < len(lines):
             # Cut back atomically: a kill during the rewrite must not lose lines the checkpoint covers.
@@ -34,9 +56,13 @@ class MetricsFile:
         self._fh.write(json.dumps(entry, allow_nan=True) + "\n")
         self._fh.flush()
         self.lines += 1
+        if self.tensorboard is not None:
+            self.tensorboard.write(entry)
 
     def close(self) -> None:
         self._fh.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -116,6 +116,7 @@ class CheckpointSpec(_Strict):
 
 class LogSpec(_Strict):
     every_steps: int = Field(10, ge=1)
+    tensorboard: bool = True                  # also write every metrics line to the run's tb/ folder
 
 
 class NonFiniteSpec(_Strict):

@@ -27,7 +27,7 @@ from .checkpoint import (WEIGHTS, latest_valid_checkpoint, load_checkpoint, remo
                          save_weights)
 from .data import DataBundle, TensorLoader, load_data
 from .errors import ConfigError, DojoError, choices_text
-from .log import MetricsFile, Reporter
+from .log import MetricsFile, Reporter, TensorBoardSink
 from .methods import HOOKS, GradClip, Method
 from .optim.param_groups import apply_lr_mult, param_groups
 from .recipe import BALANCED_OPTIONS, LossWeightSchedule, Recipe, load_recipe
@@ -82,6 +82,9 @@ class TrainState:
     schedule: Any = None             # the current phase's torchdojo.schedules.Schedule
     run_dir: Path | None = None
     step_logs: dict[str, Any] = field(default_factory=dict)   # scalars methods want logged
+    # emit({"name": value, ...}): a method's own metrics line (step, epoch and phase are added), written
+    # to metrics.jsonl and TensorBoard now, whatever the log interval. Set by the Trainer.
+    emit: Any = None
 
     @property
     def epoch(self) -> float:
@@ -195,6 +198,7 @@ class Trainer:
         if recipe.data.num_workers:      # worker processes read the training rows from CPU memory
             on_device = DataBundle(data.train, on_device.val, on_device.test, data.info)
         self.state = TrainState(recipe, model, on_device, task, self.device, run_dir=self.run_dir)
+        self.state.emit = self._emit
         self._row_weights: torch.Tensor | None = None    # the balanced sampler's, computed on first use
         # Parameter names frozen in each phase, known up front so groups never appear mid-run.
         self.frozen_by_phase = {
@@ -401,6 +405,11 @@ class Trainer:
                     self._roll_back(bad)
                     resuming = True
             summary = self._finish(t_start)
+        except Interrupted:
+            raise
+        except Exception as exc:       # `dojo runs` shows the run as failed, with the reason
+            self._write_summary("failed", t_start, error=f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             self.reporter.stop()
             self._restore_signal_handlers(previous_handlers)
@@ -449,7 +458,7 @@ class Trainer:
         s.optimizer, self._optimizer_phase = None, -1       # rebuilt by _enter_phase, then loaded
         s.stop_reason = None
         self._run.close()
-        self._run = MetricsFile(self.run_dir / "metrics.jsonl", keep_lines=self._resume_from[1]["metrics_lines"])
+        self._run = self._metrics_file(self._resume_from[1]["metrics_lines"], purge_step=step + 1)
         self._run.write({"step": step, "phase": self.recipe.phase_name(s.phase_index), "event": "rollback",
                          "nonfinite_step": bad.step, "nonfinite": bad.what, "lr_factor": lr_factor,
                          "rollbacks": len(self._resume_from[1]["rollback"]["to_steps"])})
@@ -706,8 +715,20 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "recipe.yaml", self._recipe_yaml)
         atomic_write_text(self.run_dir / "data_info.json", json.dumps(self.state.data.info.to_dict(), indent=2) + "\n")
-        keep = self._resume_from[1]["metrics_lines"] if self._resume_from else None
-        return MetricsFile(self.run_dir / "metrics.jsonl", keep_lines=keep)
+        if self._resume_from:
+            return self._metrics_file(self._resume_from[1]["metrics_lines"], self._resume_from[1]["step"] + 1)
+        return self._metrics_file(None, None)
+
+    def _metrics_file(self, keep_lines: int | None, purge_step: int | None) -> MetricsFile:
+        """metrics.jsonl (cut back to `keep_lines` on resume), with TensorBoard unless `log.tensorboard`
+        is off; TensorBoard hides its events from `purge_step` on, as they will be logged again."""
+        sink = TensorBoardSink(self.run_dir / "tb", purge_step) if self.recipe.log.tensorboard else None
+        return MetricsFile(self.run_dir / "metrics.jsonl", keep_lines=keep_lines, tensorboard=sink)
+
+    def _emit(self, values: dict) -> None:
+        s = self.state
+        if self._run is not None:
+            self._run.write({"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **values})
 
     def _lines_logged(self) -> int:
         return self._run.lines if self._run is not None else 0
@@ -857,12 +878,17 @@ class Trainer:
         for sig, h in previous.items():
             signal.signal(sig, h)
 
+    def _write_summary(self, status: str, t_start: float, **extra) -> None:
+        """summary.json of a run that did not finish (interrupted or failed)."""
+        if self.run_dir is None or not self.run_dir.is_dir():
+            return
+        summary = {"recipe": self.recipe.name, "status": status, "steps": self.state.step, "metrics": {},
+                   "wall_seconds": round(self._wall_before + time.perf_counter() - t_start, 3), **extra}
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
     def _stop_for_signal(self, t_start: float) -> None:
         self._save_checkpoint(t_start)
-        if self.run_dir is not None:
-            summary = {"recipe": self.recipe.name, "status": "interrupted", "steps": self.state.step,
-                       "metrics": {}, "wall_seconds": round(self._wall_before + time.perf_counter() - t_start, 3)}
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self._write_summary("interrupted", t_start)
         code = 130 if self._interrupt == signal.SIGINT else 143
         raise Interrupted(code, self.run_dir)
 
