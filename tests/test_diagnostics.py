@@ -145,3 +145,17 @@ def test_saturation_is_measured_for_tanh_models(tiny_recipe, tmp_path):
     assert not any(k.startswith("diag/dead_relu/") for k in line)
     assert trainer.methods[0].last == {k: v for k, v in diag_lines(tmp_path / "run")[-1].items()
                                        if k.startswith("diag/")}
+
+
+def test_tensorboard_after_a_resume_shows_each_step_once(tiny_recipe, tmp_path):
+    """Resuming from step 10 logs steps 11.. again: TensorBoard's purge hides the first copies."""
+    tiny_recipe["checkpoint"] = {"every_steps": 5, "keep_last": 10}
+    Trainer(load_recipe(tiny_recipe), tmp_path / "run", quiet=True).fit()
+    Trainer.from_run_dir(tmp_path / "run", quiet=True,
+                         checkpoint=tmp_path / "run" / "checkpoints" / "step-00000010").fit()
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    expected = [(e["step"], e["train/loss"]) for e in read_metrics(tmp_path / "run") if "train/loss" in e]
+    assert [s for s, _ in logged] == [s for s, _ in expected] == list(range(1, 23))
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)

@@ -17,20 +17,32 @@ from .atomic import atomic_write_text
 
 class TensorBoardSink:
     """Every numeric value of a metrics line as a TensorBoard scalar (tag = its metrics.jsonl key, x =
-    its `step`), under the run's `tb/` folder: `tensorboard --logdir runs` shows all runs. On resume,
-    TensorBoard's purge_step hides the events after the checkpoint's step, which will be logged again."""
+    its `step`), under the run's `tb/` folder: `tensorboard --logdir runs` shows all runs.
+
+    One event per line with all its values, written with tensorboard's own event-file writer: about 30x
+    cheaper than `SummaryWriter.add_scalar` per value, which would cost a tiny run several percent. On
+    resume, a SessionLog START at the checkpoint's next step makes TensorBoard drop the events from that
+    step on, as they will be logged again (what SummaryWriter's purge_step does)."""
 
     def __init__(self, folder: Path, purge_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter   # imports tensorboard: only when it is used
-        self.writer = SummaryWriter(str(folder), purge_step=purge_step, flush_secs=10)
+        # Imported here: only runs that write TensorBoard files pay for the import.
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        self._event, self._summary = Event, Summary
+        self.writer = EventFileWriter(str(folder), flush_secs=10)
+        if purge_step is not None:
+            self.writer.add_event(Event(wall_time=time.time(), step=purge_step,
+                                        session_log=SessionLog(status=SessionLog.START)))
 
     def write(self, entry: dict) -> None:
         step = entry.get("step")
         if not isinstance(step, int):
             return
-        for key, value in entry.items():
-            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, step)
+        values = [self._summary.Value(tag=key, simple_value=float(value)) for key, value in entry.items()
+                  if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if values:
+            self.writer.add_event(self._event(wall_time=time.time(), step=step, summary=self._summary(value=values)))
 
     def close(self) -> None:
         self.writer.close()
