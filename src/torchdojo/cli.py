@@ -101,18 +101,22 @@ def _load_for_inference(run_dir: str):
 @main.command("eval")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the metrics table.")
 @handle_errors
-def eval_(run_dir, split):
+def eval_(run_dir, split, quiet):
     """Print the metrics of a run's final model (or latest checkpoint) on a split.
 
     After `dojo calibrate RUN_DIR`, NLL, ECE and Brier are those of the temperature-scaled probabilities."""
-    from .log import print_metrics_table
+    from .log import TaskProgress, print_metrics_table
 
     trainer, models = _load_for_inference(run_dir)
     metrics = {}
-    for split_name in (["train", "val", "test"] if split == "all" else [split]):
-        for name, model in models.items():
-            metrics.update(trainer.evaluate(split_name, model, name))
+    splits = ["train", "val", "test"] if split == "all" else [split]
+    with TaskProgress("eval", len(splits) * len(models), quiet) as progress:
+        for split_name in splits:
+            for name, model in models.items():
+                metrics.update(trainer.evaluate(split_name, model, name))
+                progress.advance(f"{split_name} {name or 'model'}")
     print_metrics_table(metrics, f"{trainer.recipe.name}: {run_dir}")
 
 

@@ -89,6 +89,33 @@ def fmt(value) -> str:
     return str(value)
 
 
+class TaskProgress:
+    """A rich progress bar for a counted piece of work (`dojo eval`, ...), drawn only on a terminal and
+    without `quiet`; otherwise silent. Use as a context manager and call `advance(label)`."""
+
+    def __init__(self, description: str, total: int, quiet: bool = False, console: Console | None = None):
+        console = console or Console(stderr=True)
+        self.progress = None
+        if not quiet and console.is_terminal:
+            self.progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[label]}"), TimeRemainingColumn(),
+                                     console=console, transient=True)
+            self._task = self.progress.add_task("", total=total, label="")
+
+    def __enter__(self) -> "TaskProgress":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def advance(self, label: str = "") -> None:
+        if self.progress is not None:
+            self.progress.update(self._task, advance=1, label=label)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
 class Reporter:
     """Terminal output of a training run."""
 
