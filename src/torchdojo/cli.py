@@ -14,6 +14,7 @@ from .cli_errors import handle_errors
 from .errors import DojoError
 from .lr_find import lr_find_command
 from .plot_schedule import plot_schedule_command
+from .report import report_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -261,6 +262,7 @@ def datasets():
 main.add_command(lr_find_command)
 main.add_command(plot_schedule_command)
 main.add_command(calibrate_command)
+main.add_command(report_command)
 
 
 if __name__ == "__main__":
