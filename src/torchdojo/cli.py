@@ -11,10 +11,12 @@ import click
 
 from .calibrate import calibrate_command
 from .cli_errors import handle_errors
+from .compare import compare_command
 from .errors import DojoError
 from .lr_find import lr_find_command
 from .plot_schedule import plot_schedule_command
 from .report import report_command
+from .runs import runs_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -263,6 +265,8 @@ main.add_command(lr_find_command)
 main.add_command(plot_schedule_command)
 main.add_command(calibrate_command)
 main.add_command(report_command)
+main.add_command(compare_command)
+main.add_command(runs_command)
 
 
 if __name__ == "__main__":
