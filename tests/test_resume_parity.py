@@ -1,5 +1,6 @@
 """Exact resume (issue 6, promise 1): a run stopped at any step and resumed gives bit-for-bit the run
-that never stopped: per-step losses and LRs, final parameters, optimizer, method and RNG state.
+that never stopped: per-step losses and LRs, final parameters, optimizer, method and RNG state, with
+dropout, shuffling, augmentation, gradient accumulation, EMA and a plateau schedule active.
 
 The stop is a checkpoint written at step k (what SIGTERM and the periodic saves write alike); the
 resume runs in a new process through `dojo resume`, or in-process for the parametrised list of every
@@ -35,7 +36,8 @@ PARITY = {
     "phases": [
         {"name": "main", "steps": 12, "batch_size": 32, "accumulate": 2,
          "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
-         "schedule": [{"name": "warmup", "steps": 3}, {"name": "cosine"}]},
+         "schedule": [{"name": "warmup", "steps": 3}, {"name": "cosine"}],
+         "augment": [{"name": "swap_noise", "p": 0.1}, {"name": "gaussian", "std": 0.1}]},
     ],
     "methods": [{"name": "ema", "decay": 0.9}],
     "checkpoint": {"every_steps": 1, "every_epochs": None, "keep_last": 100},

@@ -88,12 +88,17 @@ def _run_status(run_dir: Path) -> str | None:
     return summary.get("status") if isinstance(summary, dict) else None
 
 
-def _load_for_inference(run_dir: str):
+TTA_OPTION = click.option("--tta", "tta_views", type=click.IntRange(min=1), default=None,
+                          help="Also report test-time augmentation with this many augmented views per input "
+                               "(the recipe's eval.tta augmentations, else the last phase's), as `tta`.")
+
+
+def _load_for_inference(run_dir: str, tta_views: int | None = None):
     from .calibrate import CALIBRATION_JSON, TemperatureScaled
     from .trainer import Trainer
 
     trainer = Trainer.from_run_dir(run_dir, quiet=True)
-    models = trainer.trained_models()
+    models = trainer.trained_models(tta_views=tta_views)
     scaled = [m for m in models.values() if isinstance(m, TemperatureScaled)]
     if scaled:      # on stderr: predict's CSV may go to stdout
         click.echo(f"note: calibrated probabilities (temperature T = {scaled[0].temperature:.4g} from "
@@ -105,14 +110,15 @@ def _load_for_inference(run_dir: str):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the metrics table.")
+@TTA_OPTION
 @handle_errors
-def eval_(run_dir, split, quiet):
+def eval_(run_dir, split, quiet, tta_views):
     """Print the metrics of a run's final model (or latest checkpoint) on a split.
 
     After `dojo calibrate RUN_DIR`, NLL, ECE and Brier are those of the temperature-scaled probabilities."""
     from .log import TaskProgress, print_metrics_table
 
-    trainer, models = _load_for_inference(run_dir)
+    trainer, models = _load_for_inference(run_dir, tta_views)
     metrics = {}
     splits = ["train", "val", "test"] if split == "all" else [split]
     with TaskProgress("eval", len(splits) * len(models), quiet) as progress:
@@ -129,15 +135,16 @@ def eval_(run_dir, split, quiet):
               help="CSV (feature columns by name, as in training; extra columns ignored) or NPZ (array x).")
 @click.option("--output", "output_path", default="-", show_default=True,
               help="CSV to write: prediction and, for classes, one probability column each.")
+@TTA_OPTION
 @handle_errors
-def predict(run_dir, input_path, output_path):
+def predict(run_dir, input_path, output_path, tta_views):
     """Predict with a trained run on new inputs.
 
     After `dojo calibrate RUN_DIR`, the probabilities are temperature-scaled (the predictions are the same)."""
     import numpy as np
     import torch
 
-    trainer, models = _load_for_inference(run_dir)
+    trainer, models = _load_for_inference(run_dir, tta_views)
     info = trainer.state.data.info
     x = _read_inputs(input_path, info)
     tensor = info.prepare(x, source=input_path).to(trainer.device)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .data.bundle import SPLIT_KEYS
 from .errors import ConfigError, DojoError, choices_text, did_you_mean
-from .registry import DATASETS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS, load_plugins
+from .registry import AUGMENTS, DATASETS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS, load_plugins
 
 
 class _Strict(BaseModel):
@@ -101,11 +101,35 @@ class PhaseSpec(_Strict):
     freeze: list[str] = []                    # glob patterns of module names, e.g. "features.*"
     train_bn: bool = False                    # let BatchNorm inside frozen modules keep training
     param_groups: Optional[ParamGroupsSpec] = None   # only with an optimizer in the same phase
+    # Training-batch augmentations, applied in order (carried to the next phase when left out; [] for none).
+    augment: Optional[list[dict[str, Any]]] = None
+
+
+class TTASpec(_Strict):
+    """Test-time augmentation: every input seen as is and under `views` random augmentations, the
+    outputs combined. `augment` defaults to the last phase's list without label-mixing transforms."""
+    views: int = Field(8, ge=0)
+    combine: Literal["mean_prob", "mean_logprob", "mean"] = "mean_prob"
+    augment: Optional[list[dict[str, Any]]] = None
+    seed: int = 0
+
+
+class EnsembleSpec(_Strict):
+    """`ensemble`: train `members` models and predict with their combination (see docs/ensembles.md).
+    `vary: [seed]` gives members of one architecture with different initialisations, trained together
+    in one vectorised pass (with the optional diversity penalties `ncl` and `weight_distance`); a mapping
+    `{key.path: [one value per member]}` in `vary` trains the members one after another instead."""
+    members: int = Field(ge=2, le=64)
+    vary: list[Union[Literal["seed"], dict[str, list[Any]]]] = ["seed"]
+    ncl: float = Field(0.0, ge=0)               # negative correlation learning (Liu & Yao 1999)
+    weight_distance: float = Field(0.0, ge=0)   # pushes members' weights apart
+    combine: Literal["mean_prob", "mean_logprob", "weights"] = "mean_prob"
 
 
 class EvalSpec(_Strict):
     every_epochs: int = Field(1, ge=1)
     batch_size: int = Field(1024, ge=1)
+    tta: Optional[TTASpec] = None
 
 
 class CheckpointSpec(_Strict):
@@ -152,6 +176,7 @@ class Recipe(_Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     log: LogSpec = LogSpec()
     nonfinite: NonFiniteSpec = NonFiniteSpec()
+    ensemble: Optional[EnsembleSpec] = None
 
     def phase_name(self, i: int) -> str:
         return self.phases[i].name or f"phase{i}"
@@ -178,6 +203,13 @@ class Recipe(_Strict):
             if p.accumulate is not None:
                 return p.accumulate
         return 1
+
+    def augment(self, i: int) -> list[dict]:
+        """Phase i's training augmentations; carried over from the previous phase when left out."""
+        for p in reversed(self.phases[:i + 1]):
+            if p.augment is not None:
+                return p.augment
+        return []
 
     def losses(self, i: int) -> list[dict]:
         for p in reversed(self.phases[:i + 1]):
@@ -388,6 +420,11 @@ def validate_recipe(raw: dict) -> Recipe:
             if not phase.losses:
                 raise ConfigError(f"{path}.losses", "give at least one loss term")
             phase.losses = [_loss_term(t, f"{path}.losses.{j}") for j, t in enumerate(phase.losses)]
+        if phase.augment is not None:
+            phase.augment = [component(AUGMENTS, a, f"{path}.augment.{j}") for j, a in enumerate(phase.augment)]
+    if recipe.eval.tta is not None and recipe.eval.tta.augment is not None:
+        recipe.eval.tta.augment = [component(AUGMENTS, a, f"eval.tta.augment.{j}")
+                                   for j, a in enumerate(recipe.eval.tta.augment)]
     return recipe
 
 

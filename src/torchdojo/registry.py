@@ -152,11 +152,14 @@ MODELS = Registry("model")
 DATASETS = Registry("dataset")
 TASKS = Registry("task")
 METHODS = Registry("method")
-ALL = {r.kind: r for r in (OPTIMIZERS, SCHEDULES, LOSSES, MODELS, DATASETS, TASKS, METHODS)}
+AUGMENTS = Registry("augmentation")
+ALL = {r.kind: r for r in (OPTIMIZERS, SCHEDULES, LOSSES, MODELS, DATASETS, TASKS, METHODS, AUGMENTS)}
+# What the trainer passes to an augmentation that asks for it (by naming it in its __init__).
+AUGMENT_INJECTED = ("num_classes", "special_ids")
 
 
 def _register_builtins() -> None:
-    from . import data, losses, methods, models, optim, schedules, tasks
+    from . import augment, data, losses, methods, models, optim, schedules, tasks
 
     for name, fn in {**optim.TORCH_OPTIMIZERS, **optim.DOJO_OPTIMIZERS}.items():
         OPTIMIZERS.register(name, fn, injected=("params",))
@@ -165,7 +168,7 @@ def _register_builtins() -> None:
         SCHEDULES.register(name, fn)
     for name, cls in losses.LOSSES.items():
         LOSSES.register(name, cls)
-    for name, cls in models.MODELS.items():
+    for name, cls in {**models.MODELS, **models.COMPOSITE_MODELS}.items():
         MODELS.register(name, cls, config=cls.Config, injected=("input_shape", "num_outputs"))
     for name, fn in data.DATASETS.items():
         DATASETS.register(name, fn, injected=("seed",))
@@ -173,6 +176,9 @@ def _register_builtins() -> None:
         TASKS.register(name, cls)
     for name, cls in methods.METHODS.items():
         METHODS.register(name, cls)
+    for name, cls in augment.AUGMENTS.items():
+        wants = inspect.signature(cls).parameters
+        AUGMENTS.register(name, cls, injected=tuple(k for k in AUGMENT_INJECTED if k in wants))
 
 
 def _lookahead(params, inner: dict, k: int = 5, alpha: float = 0.5):

@@ -31,7 +31,7 @@ from .log import MetricsFile, Reporter, TensorBoardSink
 from .methods import HOOKS, GradClip, Method
 from .optim.param_groups import apply_lr_mult, param_groups
 from .recipe import BALANCED_OPTIONS, LossWeightSchedule, Recipe, load_recipe
-from .registry import LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
+from .registry import AUGMENTS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
 from .schedules import Clock, Schedule
 from .tasks import LossTerm
 
@@ -90,6 +90,13 @@ class TrainState:
     def epoch(self) -> float:
         """Epochs done so far, counting partial ones: `metrics.jsonl`'s `epoch`."""
         return self.epochs_done + self.epoch_in_phase + self.batch_in_epoch / max(1, self.steps_per_epoch)
+
+
+def data_kind(data: DataBundle) -> str:
+    """What augmentations fit: token ids are text; (C, H, W) inputs images, (C, L) sequences, (F,) tables."""
+    if not data.train.x.is_floating_point():
+        return "text"
+    return {3: "image", 2: "sequence", 1: "table"}.get(len(data.info.input_shape), "other")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,6 +213,8 @@ class Trainer:
                                    for prefix, module in _named(model, frozen_modules(model, p.freeze, f"phases.{i}.freeze"))
                                    for n, _ in module.named_parameters()}
             for i, p in enumerate(recipe.phases)}
+        self._augments = [self.build_augment(recipe.augment(i), f"phases.{i}.augment")
+                          for i in range(len(recipe.phases))]
         self.phase_plan = [self._phase_length(i) for i in range(len(recipe.phases))]
         self.total_steps = sum(steps for steps, _ in self.phase_plan)
         self.reporter = reporter or Reporter(self.total_steps, quiet=quiet)
@@ -240,9 +249,30 @@ class Trainer:
         weights = self._balanced_row_weights() if self.recipe.data.sampler == "balanced" else None
         return TensorLoader(self.state.data.train, self.recipe.batch_size(i, epoch), shuffle=True,
                             seed=self.recipe.seed * 100 + i, drop_last=True, weights=weights,
+                            transform=self._augments[i],
                             num_workers=self.recipe.data.num_workers,
                             # Without workers the rows already live on the device.
                             device=self.device if self.recipe.data.num_workers else None)
+
+    def build_augment(self, specs: list[dict], path: str):
+        """A Compose of the augmentations `specs` (None when empty), each checked against the data's kind
+        (image, sequence, table, text) and given the class count or special token ids it asks for."""
+        if not specs:
+            return None
+        from .augment import Compose
+        kind, info = data_kind(self.state.data), self.state.data.info
+        injected = {"num_classes": info.num_outputs if info.task_type == "classification" else None,
+                    "special_ids": list(getattr(info, "special_ids", None) or [])}
+        transforms = []
+        for j, spec in enumerate(specs):
+            entry = AUGMENTS.get(spec["name"], f"{path}.{j}.name")
+            if entry.factory.kind not in ("any", kind):
+                raise ConfigError(f"{path}.{j}", f"augmentation '{spec['name']}' is for {entry.factory.kind} data, "
+                                                 f"but data '{self.recipe.data.name}' is {kind} data")
+            if entry.factory.mixes_labels and info.task_type != "classification":
+                raise ConfigError(f"{path}.{j}", f"'{spec['name']}' mixes class labels: it needs classification data")
+            transforms.append(AUGMENTS.build(spec, f"{path}.{j}", **{k: injected[k] for k in entry.injected}))
+        return Compose(transforms)
 
     def _balanced_row_weights(self) -> torch.Tensor:
         """Per training row 1 / n_class(y) (computed once): the balanced sampler draws each class about
@@ -629,12 +659,36 @@ class Trainer:
         prefix = f"{split}/{name}/" if name else f"{split}/"
         return {prefix + k: v for k, v in metrics.items()}
 
-    def named_models(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The final model (named "") and what methods add (e.g. "ensemble" from snapshot_ensemble)."""
+    def named_models(self, model: nn.Module, tta_views: int | None = None) -> dict[str, nn.Module]:
+        """The final model (named "") and what methods add (e.g. "ensemble" from snapshot_ensemble); with
+        test-time augmentation (`eval.tta`, or `tta_views`), each also under TTA as "tta" (the final
+        model) or "<name>_tta"."""
         models = {"": model}
         for m in self.hooks["on_models"]:
             models = m.on_models(self.state, models)
+        tta = self.tta_wrapper(tta_views)
+        if tta is not None:
+            models.update({f"{name}_tta" if name else "tta": tta(m) for name, m in list(models.items())})
         return models
+
+    def tta_wrapper(self, views: int | None = None):
+        """A function model -> TestTimeAugmentation per `eval.tta` (views overridden by `views`), or None
+        when neither asks for TTA. Its augmentations default to the last phase's, minus label mixing."""
+        spec = self.recipe.eval.tta
+        if spec is None and not views:
+            return None
+        from .recipe import TTASpec
+        from .tta import TestTimeAugmentation
+        spec = spec or TTASpec()
+        views = spec.views if views is None else views
+        specs = spec.augment if spec.augment is not None else self.recipe.augment(len(self.recipe.phases) - 1)
+        specs = [a for a in specs if not AUGMENTS.get(a["name"]).factory.mixes_labels]
+        if not specs:
+            raise DojoError("test-time augmentation needs augmentations: set `eval.tta.augment` (the last phase "
+                            "has none that keep the labels)")
+        transform = self.build_augment(specs, "eval.tta.augment")
+        how = spec.combine if self.state.data.info.task_type == "classification" else "mean"
+        return lambda model: TestTimeAugmentation(model, transform, views, how, spec.seed).eval()
 
     def _validate(self) -> None:
         s = self.state
@@ -774,7 +828,7 @@ class Trainer:
         """The step of the checkpoint loaded to resume from, if any."""
         return self._resume_from[1]["step"] if self._resume_from is not None else None
 
-    def trained_models(self, *, calibrated: bool = True) -> dict[str, nn.Module]:
+    def trained_models(self, *, calibrated: bool = True, tta_views: int | None = None) -> dict[str, nn.Module]:
         """For eval/predict: a finished run's final weights, else the latest checkpoint's final model
         (with the methods' state, e.g. EMA weights), plus the named models methods add; in eval mode.
 
@@ -799,7 +853,7 @@ class Trainer:
             for m, sd in zip(self.methods, self._resume_from[1]["methods"]):
                 m.load_state_dict(sd)
             model = self.final_model()
-        models = {name: m.eval() for name, m in self.named_models(model).items()}
+        models = {name: m.eval() for name, m in self.named_models(model, tta_views).items()}
         # The temperature was fitted on the final weights: a checkpoint's model stays as it is.
         if calibrated and finished and self.state.task.task_type == "classification":
             from .calibrate import TemperatureScaled, load_calibration
