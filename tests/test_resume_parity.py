@@ -210,6 +210,7 @@ RESUME_CASES = {
     "method:swa": lambda r, tmp: _swa(r),
     "method:snapshot_ensemble": lambda r, tmp: _snapshot(r),
     "method:diagnostics": lambda r, tmp: _with_methods({"name": "diagnostics", "every_steps": 3})(r),
+    "ensemble:joint": lambda r, tmp: r.update(ensemble={"members": 3, "ncl": 0.3, "weight_distance": 0.01}),
 }
 
 

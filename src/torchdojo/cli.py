@@ -55,6 +55,12 @@ def train(recipe, overrides, run_dir, quiet):
     run_dir = Path(run_dir) if run_dir else default_run_dir(r)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise DojoError(f"run directory {run_dir} is not empty; use `dojo resume {run_dir}` or another --run-dir")
+    from .ensemble_runs import is_sequential, train_ensemble
+    if is_sequential(r):        # members that differ in more than their seed: one run each
+        if not quiet:
+            click.echo(f"run directory: {run_dir} (ensemble of {r.ensemble.members}, members one after another)")
+        train_ensemble(r, run_dir, quiet=quiet)
+        return
     trainer = Trainer(r, run_dir, quiet=quiet)
     if not quiet:
         click.echo(f"run directory: {run_dir}")
@@ -71,6 +77,11 @@ def resume(run_dir, quiet):
 
     if _run_status(Path(run_dir)) == "finished":
         raise DojoError(f"{run_dir} has already finished; nothing to resume (see `dojo eval {run_dir}`)")
+    sequential = _sequential_ensemble(Path(run_dir))
+    if sequential is not None:
+        from .ensemble_runs import train_ensemble
+        train_ensemble(sequential, Path(run_dir), quiet=quiet)      # skips finished members, resumes the rest
+        return
     trainer = Trainer.from_run_dir(run_dir, quiet=quiet)
     if trainer.checkpoint_step is None:
         raise DojoError(f"{run_dir} has no checkpoint to resume from (none that validates; see the warnings above)")
@@ -93,10 +104,24 @@ TTA_OPTION = click.option("--tta", "tta_views", type=click.IntRange(min=1), defa
                                "(the recipe's eval.tta augmentations, else the last phase's), as `tta`.")
 
 
+def _sequential_ensemble(run_dir: Path):
+    """The recipe of an ensemble run whose members trained one after another (else None)."""
+    from .ensemble_runs import is_sequential
+    from .recipe import load_recipe, read_recipe_source
+    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "members").is_dir():
+        return None
+    recipe = load_recipe(read_recipe_source(str(run_dir / "recipe.yaml"))[0])
+    return recipe if is_sequential(recipe) else None
+
+
 def _load_for_inference(run_dir: str, tta_views: int | None = None):
     from .calibrate import CALIBRATION_JSON, TemperatureScaled
     from .trainer import Trainer
 
+    sequential = _sequential_ensemble(Path(run_dir))
+    if sequential is not None:
+        from .ensemble_runs import ensemble_models
+        return ensemble_models(Path(run_dir), sequential, tta_views)
     trainer = Trainer.from_run_dir(run_dir, quiet=True)
     models = trainer.trained_models(tta_views=tta_views)
     scaled = [m for m in models.values() if isinstance(m, TemperatureScaled)]

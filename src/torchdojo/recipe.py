@@ -422,10 +422,24 @@ def validate_recipe(raw: dict) -> Recipe:
             phase.losses = [_loss_term(t, f"{path}.losses.{j}") for j, t in enumerate(phase.losses)]
         if phase.augment is not None:
             phase.augment = [component(AUGMENTS, a, f"{path}.augment.{j}") for j, a in enumerate(phase.augment)]
+    if recipe.ensemble is not None:
+        _check_ensemble(recipe.ensemble)
     if recipe.eval.tta is not None and recipe.eval.tta.augment is not None:
         recipe.eval.tta.augment = [component(AUGMENTS, a, f"eval.tta.augment.{j}")
                                    for j, a in enumerate(recipe.eval.tta.augment)]
     return recipe
+
+
+def _check_ensemble(spec: EnsembleSpec) -> None:
+    sequential = [v for v in spec.vary if isinstance(v, dict)]
+    for j, varied in enumerate(sequential):
+        for key, values in varied.items():
+            if len(values) != spec.members:
+                raise ConfigError(f"ensemble.vary.{key}", f"give one value per member: {spec.members} "
+                                                           f"members, {len(values)} values")
+    if sequential and (spec.ncl or spec.weight_distance):
+        raise ConfigError("ensemble", "ncl and weight_distance need members trained together, so `vary` may "
+                                      "only be [seed] with them")
 
 
 class LossWeightSchedule(_Strict):

@@ -196,8 +196,13 @@ class Trainer:
         if task.task_type != data.info.task_type:
             raise ConfigError("task.name", f"task '{recipe.task['name']}' is for {task.task_type}, but the "
                                            f"data '{recipe.data.name}' is a {data.info.task_type} dataset")
-        model = MODELS.build(recipe.model, "model", input_shape=tuple(data.info.input_shape),
-                             num_outputs=data.info.num_outputs).to(self.device)
+        build = lambda: MODELS.build(recipe.model, "model", input_shape=tuple(data.info.input_shape),  # noqa: E731
+                                     num_outputs=data.info.num_outputs)
+        self.ensemble = recipe.ensemble          # joint members: one StackedEnsemble is the model
+        if self.ensemble is not None:
+            model = self._stacked_ensemble(build, task, data).to(self.device)
+        else:
+            model = build().to(self.device)
         self.methods: list[Method] = [METHODS.build(m, f"methods.{i}") for i, m in enumerate(recipe.methods)]
         # Only hooks a method overrides are called: unused hooks cost nothing in the step.
         self.hooks = {h: [m for m in self.methods if getattr(type(m), h) is not getattr(Method, h)] for h in HOOKS}
@@ -230,6 +235,8 @@ class Trainer:
         self._last_val: dict = {}
         self._run: MetricsFile | None = None
         self._nonfinite_skips, self._nonfinite_in_a_row = 0, 0
+        self._frozen: list[nn.Module] = []      # the current phase's frozen modules (set per phase)
+        self._train_bn = False
         self._lr_factor = 1.0             # lowered by each `nonfinite: rollback`
         self._rollbacks: list[int] = []   # checkpoint steps rolled back to, in order
         self._log_grad_norm = not any(isinstance(m, GradClip) for m in self.methods)   # it logs its own
@@ -273,6 +280,21 @@ class Trainer:
                 raise ConfigError(f"{path}.{j}", f"'{spec['name']}' mixes class labels: it needs classification data")
             transforms.append(AUGMENTS.build(spec, f"{path}.{j}", **{k: injected[k] for k in entry.injected}))
         return Compose(transforms)
+
+    def _stacked_ensemble(self, build, task, data) -> nn.Module:
+        """`ensemble` with `vary: [seed]`: members of one architecture with different initialisations (seeds
+        seed*1000 + i), trained together in one vectorised pass (see docs/ensembles.md)."""
+        from .ensembles import StackedEnsemble
+        spec = self.ensemble
+        if spec.vary != ["seed"]:
+            raise DojoError("an ensemble whose members vary more than `seed` trains its members one after "
+                            "another: run it with `dojo train` or torchdojo.ensemble_runs.train_ensemble")
+        if self.recipe.task["name"] not in ("classify", "regress"):
+            raise ConfigError("ensemble", f"joint ensembles train with the classify or regress task, not "
+                                          f"'{self.recipe.task['name']}'")
+        how = ("mean_logprob" if spec.combine == "mean_logprob" else "mean_prob") \
+            if task.task_type == "classification" else "mean"
+        return StackedEnsemble.from_seeds(build, [self.recipe.seed * 1000 + i for i in range(spec.members)], how)
 
     def _balanced_row_weights(self) -> torch.Tensor:
         """Per training row 1 / n_class(y) (computed once): the balanced sampler draws each class about
@@ -566,7 +588,12 @@ class Trainer:
     def _forward_backward(self, batch: dict, share: float = 1.0):
         """Loss of a (micro-)batch after the methods' `on_loss` hooks; back-propagates `share` of it."""
         s = self.state
-        loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)
+        if self.ensemble is not None:      # each member's own loss, plus the diversity penalties
+            from .ensembles import ensemble_training_loss
+            loss, parts = ensemble_training_loss(s.model, batch, self._loss_terms, self.ensemble.ncl,
+                                                 self.ensemble.weight_distance, s.data.info.task_type)
+        else:
+            loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)
         for m in self.hooks["on_loss"]:
             loss = m.on_loss(s, loss, parts)
         (loss * share if share != 1.0 else loss).backward()
@@ -664,12 +691,46 @@ class Trainer:
         test-time augmentation (`eval.tta`, or `tta_views`), each also under TTA as "tta" (the final
         model) or "<name>_tta"."""
         models = {"": model}
+        if self.ensemble is not None:
+            models.update(self._ensemble_models(model))
         for m in self.hooks["on_models"]:
             models = m.on_models(self.state, models)
         tta = self.tta_wrapper(tta_views)
         if tta is not None:
             models.update({f"{name}_tta" if name else "tta": tta(m) for name, m in list(models.items())})
         return models
+
+    def _ensemble_models(self, model: nn.Module) -> dict[str, nn.Module]:
+        """A joint ensemble's members ("member<i>") and their combination ("ensemble": the mean, or with
+        `combine: weights` the weighted mean with weights fitted on the validation split)."""
+        from .ensembles import WeightedEnsemble, fit_combination_weights
+        members = {f"member{i}": m.eval() for i, m in enumerate(model.member_list())}
+        if self.ensemble.combine != "weights":
+            return {"ensemble": model, **members}
+        outputs, y = self._member_outputs("val", model)
+        task_type = self.state.data.info.task_type
+        weights = fit_combination_weights(outputs, y, task_type=task_type)
+        how = "mean_prob" if task_type == "classification" else "mean"
+        return {"ensemble": WeightedEnsemble(list(members.values()), weights, how).eval(), **members}
+
+    @torch.no_grad()
+    def _member_outputs(self, split: str, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        was_training = model.training
+        model.eval()
+        outs, ys = [], []
+        for batch in self.eval_loader(split):
+            outs.append(model.member_outputs(batch["x"]))
+            ys.append(batch["y"])
+        model.train(was_training)
+        return torch.cat(outs, dim=1), torch.cat(ys)
+
+    def member_metrics(self, split: str, model: nn.Module) -> dict[str, float]:
+        """Pairwise disagreement of a joint ensemble's members and their mean and lowest accuracy."""
+        from .ensembles import member_accuracies, pairwise_disagreement
+        outputs, y = self._member_outputs(split, model)
+        accs = member_accuracies(outputs, y)
+        return {f"{split}/disagreement": pairwise_disagreement(outputs),
+                f"{split}/member_accuracy_mean": sum(accs) / len(accs), f"{split}/member_accuracy_min": min(accs)}
 
     def tta_wrapper(self, views: int | None = None):
         """A function model -> TestTimeAugmentation per `eval.tta` (views overridden by `views`), or None
@@ -694,6 +755,8 @@ class Trainer:
         s = self.state
         s.eval_model = self.eval_model()
         metrics = self.evaluate("val", s.eval_model)
+        if hasattr(s.eval_model, "member_outputs") and s.data.info.task_type == "classification":
+            metrics.update(self.member_metrics("val", s.eval_model))
         for m in self.hooks["on_eval_end"]:
             m.on_eval_end(s, metrics)
         try:
@@ -956,4 +1019,9 @@ def train(recipe: Recipe | str | dict, run_dir: str | Path | None = None, overri
     """Python API: train a recipe (object, file, built-in name or mapping) and return its summary."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
+    from .ensemble_runs import is_sequential, train_ensemble
+    if is_sequential(recipe):
+        if run_dir is None:
+            raise DojoError("an ensemble whose members train one after another needs a run directory")
+        return train_ensemble(recipe, Path(run_dir), quiet=quiet)
     return Trainer(recipe, run_dir, quiet=quiet).fit()
