@@ -14,6 +14,7 @@ from .cli_errors import handle_errors
 from .compare import compare_command
 from .errors import DojoError
 from .lr_find import lr_find_command
+from .pair_search import pair_search_command
 from .plot_schedule import plot_schedule_command
 from .report import report_command
 from .runs import runs_command
@@ -299,6 +300,7 @@ main.add_command(calibrate_command)
 main.add_command(report_command)
 main.add_command(compare_command)
 main.add_command(runs_command)
+main.add_command(pair_search_command)
 
 
 if __name__ == "__main__":

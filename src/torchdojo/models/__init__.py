@@ -1,9 +1,12 @@
 """Small registered models. Input shape and number of outputs come from the data, never the recipe."""
 from .cnn import CNN
 from .cnn1d import CNN1d
+from .concat import Concat
 from .gru import GRU
 from .mlp import MLP
 
 MODELS = {"mlp": MLP, "cnn": CNN, "cnn1d": CNN1d, "gru": GRU}
+# Models built from other models (encoders given in the recipe); registered like the ones above.
+COMPOSITE_MODELS = {"concat": Concat}
 
-__all__ = ["MLP", "CNN", "CNN1d", "GRU", "MODELS"]
+__all__ = ["MLP", "CNN", "CNN1d", "GRU", "Concat", "MODELS", "COMPOSITE_MODELS"]

@@ -38,9 +38,19 @@ class MLP(nn.Module):
             width = h
         self.body = nn.Sequential(nn.Flatten(), *blocks)
         self.head = nn.Linear(width, num_outputs)
+        self.feature_dim = width      # the width of `encode`'s output: the last hidden layer's (or the input's)
 
     def forward(self, x):
         return self.head(self.body(x))
+
+    def encode(self, x):
+        """Features before the output layer, (N, feature_dim): `forward(x) == output_layer(encode(x))`."""
+        return self.body(x)
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The final layer, from features to outputs."""
+        return self.head
 
     def block_names(self) -> list[str]:
         """Blocks from input to output, for layer-wise LR decay."""
