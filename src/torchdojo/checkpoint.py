@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import fsync_dir
 from .errors import DojoError
 
 WEIGHTS, STATE, MANIFEST = "model.safetensors", "state.pt", "manifest.json"
@@ -41,11 +42,7 @@ def check_torch_can_load(what: str) -> None:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)         # opens read-only and fsyncs: works for files and folders alike
 
 
 def _sha256(path: Path) -> str:

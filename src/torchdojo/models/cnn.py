@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
+from ._split import FeaturesThenHead
 from ._types import Dropout, Width
 
 
@@ -17,7 +17,7 @@ class CNNConfig:
     batch_norm: bool = True
 
 
-class CNN(nn.Module):
+class CNN(FeaturesThenHead):
     """Blocks of conv3x3 -> BatchNorm -> ReLU -> 2x2 max-pool (while the image is at least 4 wide)."""
     Config = CNNConfig
 
@@ -41,22 +41,6 @@ class CNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, config.hidden), nn.ReLU(),
                                   nn.Dropout(config.dropout), nn.Linear(config.hidden, num_outputs))
         self.feature_dim = config.hidden    # the width of `encode`'s output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Features before the output layer (after the hidden layer's ReLU and dropout), (N, feature_dim):
-        `forward(x) == output_layer(encode(x))`."""
-        h = self.features(x)
-        for layer in self.head[:-1]:
-            h = layer(h)
-        return h
-
-    @property
-    def output_layer(self) -> nn.Linear:
-        """The final layer, from features to outputs."""
-        return self.head[-1]
 
     def block_names(self) -> list[str]:
         """Blocks from input to output, for layer-wise LR decay."""
