@@ -166,6 +166,9 @@ class Recipe(_Strict):
     description: str = ""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "cpu"
+    # bf16: the training forward pass and loss under torch.autocast(bfloat16); weights, gradients and the
+    # optimizer stay float32, and evaluation runs in float32.
+    precision: Literal["fp32", "bf16"] = "fp32"
     data: DataSpec
     model: dict[str, Any]
     task: dict[str, Any] = {"name": "classify"}

@@ -235,6 +235,7 @@ class Trainer:
         self._last_val: dict = {}
         self._run: MetricsFile | None = None
         self._nonfinite_skips, self._nonfinite_in_a_row = 0, 0
+        self._bf16 = recipe.precision == "bf16"
         self._frozen: list[nn.Module] = []      # the current phase's frozen modules (set per phase)
         self._train_bn = False
         self._lr_factor = 1.0             # lowered by each `nonfinite: rollback`
@@ -588,12 +589,13 @@ class Trainer:
     def _forward_backward(self, batch: dict, share: float = 1.0):
         """Loss of a (micro-)batch after the methods' `on_loss` hooks; back-propagates `share` of it."""
         s = self.state
-        if self.ensemble is not None:      # each member's own loss, plus the diversity penalties
-            from .ensembles import ensemble_training_loss
-            loss, parts = ensemble_training_loss(s.model, batch, self._loss_terms, self.ensemble.ncl,
-                                                 self.ensemble.weight_distance, s.data.info.task_type)
-        else:
-            loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+            if self.ensemble is not None:      # each member's own loss, plus the diversity penalties
+                from .ensembles import ensemble_training_loss
+                loss, parts = ensemble_training_loss(s.model, batch, self._loss_terms, self.ensemble.ncl,
+                                                     self.ensemble.weight_distance, s.data.info.task_type)
+            else:
+                loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)
         for m in self.hooks["on_loss"]:
             loss = m.on_loss(s, loss, parts)
         (loss * share if share != 1.0 else loss).backward()
