@@ -33,14 +33,24 @@ def main():
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
+NPROC_OPTION = click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                            help="Train data-parallel in this many local processes (through torchrun; "
+                                 "needs --run-dir).")
+MAX_RESTARTS_OPTION = click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
+                                   help="With --nproc: how often torchrun restarts failed processes (they "
+                                        "continue from the latest checkpoint).")
+
+
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Where to write the run "
               "(default: runs/<recipe-name>-<timestamp>/).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@NPROC_OPTION
+@MAX_RESTARTS_OPTION
 @handle_errors
-def train(recipe, overrides, run_dir, quiet):
+def train(recipe, overrides, run_dir, quiet, nproc, max_restarts):
     """Train RECIPE (a YAML file or a built-in name), with optional key.path=value OVERRIDES.
 
     \b
@@ -48,15 +58,33 @@ def train(recipe, overrides, run_dir, quiet):
       dojo train quickstart
       dojo train quickstart phases.main.epochs=5 phases.main.optimizer.lr=1e-3
       dojo train my.yaml seed=3 --run-dir runs/try3
-    The run directory gets recipe.yaml, metrics.jsonl, summary.json and checkpoints/."""
+    The run directory gets recipe.yaml, metrics.jsonl, summary.json and checkpoints/.
+
+    With --nproc N, N local processes train data-parallel through torchrun (the recipe's batch_size
+    is the global batch, split over them); `torchrun ... -m torchdojo train` works the same."""
+    from .distributed import Dist
     from .recipe import load_recipe
     from .trainer import Trainer, default_run_dir
 
     r = load_recipe(recipe, list(overrides))
+    dist = Dist.from_env()
+    if (nproc > 1 or dist.enabled) and not run_dir:
+        # Every process must find the same directory: a timestamped default could differ between them.
+        raise DojoError("training with several processes needs --run-dir")
     run_dir = Path(run_dir) if run_dir else default_run_dir(r)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    restarted = dist.enabled and dist.restart_count > 0
+    if not restarted and run_dir.exists() and any(run_dir.iterdir()):
         raise DojoError(f"run directory {run_dir} is not empty; use `dojo resume {run_dir}` or another --run-dir")
     from .ensemble_runs import is_sequential, train_ensemble
+    if (nproc > 1 or dist.enabled) and is_sequential(r):
+        raise DojoError("an ensemble whose members train one after another cannot use several processes")
+    if nproc > 1 and not dist.enabled:
+        _check_divides(r, nproc)        # one clean error here rather than one per process
+        args = ["train", recipe, *overrides, "--run-dir", str(run_dir)] + (["--quiet"] if quiet else [])
+        _launch(nproc, args, max_restarts, run_dir)
+    if dist.enabled:
+        _train_distributed(r, run_dir, quiet, dist, restarted)
+        return
     if is_sequential(r):        # members that differ in more than their seed: one run each
         if not quiet:
             click.echo(f"run directory: {run_dir} (ensemble of {r.ensemble.members}, members one after another)")
@@ -68,17 +96,84 @@ def train(recipe, overrides, run_dir, quiet):
     trainer.fit()
 
 
+def _check_divides(r, nproc: int) -> None:
+    from .errors import ConfigError
+    for i in range(len(r.phases)):
+        if r.batch_size(i) % nproc:
+            raise ConfigError(f"phases.{i}.batch_size", f"the global batch size {r.batch_size(i)} does not divide "
+                                                        f"over {nproc} processes (--nproc)")
+
+
+def _launch(nproc: int, args: list[str], max_restarts: int, run_dir) -> None:
+    """Run this command again in `nproc` processes through torchrun; exit with its exit code.
+
+    SIGINT/SIGTERM go on to torchrun (which passes them to the processes: they checkpoint and stop)
+    instead of killing it, as `subprocess.call` would on Ctrl-C."""
+    import signal
+    import subprocess
+
+    from .distributed import torchrun_command
+    proc = subprocess.Popen(torchrun_command(nproc, args, max_restarts))
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        proc.send_signal(signum)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received and code != 0:      # torchrun itself exits 1 on a signal: report it as `dojo train` does
+        click.echo(f"\ninterrupted; resume with: dojo resume {run_dir} --nproc {nproc}", err=True)
+        sys.exit(130 if received[0] == signal.SIGINT else 143)
+    sys.exit(code if code >= 0 else 128 - code)
+
+
+def _train_distributed(r, run_dir: Path, quiet: bool, dist, restarted: bool) -> None:
+    """One process of a torchrun job. Every rank checked the directory above, before any rank writes;
+    the barrier keeps rank 0 from creating it while another rank still looks. After a torchrun restart
+    (--max-restarts) the run continues from its latest checkpoint when there is one."""
+    from .trainer import Trainer
+    from .checkpoint import latest_valid_checkpoint
+
+    dist.init()
+    resume = restarted and latest_valid_checkpoint(run_dir / "checkpoints")[0] is not None
+    if restarted and not resume and dist.is_main and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()        # the failed attempt's lines: it starts over
+    dist.barrier()
+    trainer = Trainer.from_run_dir(run_dir, quiet=quiet) if resume else Trainer(r, run_dir, quiet=quiet)
+    dist.barrier()      # every rank has built (and read) what it needs before rank 0 writes
+    if not quiet and dist.is_main:
+        click.echo(f"run directory: {run_dir} ({dist.world} processes)")
+    trainer.fit()
+    # Only after success: a rank that failed must not wait in a barrier for ranks stuck in a step;
+    # it exits, and torchrun stops the others.
+    dist.destroy()
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@NPROC_OPTION
+@MAX_RESTARTS_OPTION
 @handle_errors
-def resume(run_dir, quiet):
-    """Continue an interrupted run from its last checkpoint."""
+def resume(run_dir, quiet, nproc, max_restarts):
+    """Continue an interrupted run from its last checkpoint (--nproc N: in N processes, through torchrun)."""
+    from .distributed import Dist
     from .trainer import Trainer
 
     if _run_status(Path(run_dir)) == "finished":
         raise DojoError(f"{run_dir} has already finished; nothing to resume (see `dojo eval {run_dir}`)")
+    dist = Dist.from_env()
+    if nproc > 1 and not dist.enabled:
+        _launch(nproc, ["resume", run_dir] + (["--quiet"] if quiet else []), max_restarts, run_dir)
+    if dist.enabled:
+        dist.init()
     sequential = _sequential_ensemble(Path(run_dir))
+    if sequential is not None and dist.enabled:
+        raise DojoError("an ensemble whose members train one after another cannot use several processes")
     if sequential is not None:
         from .ensemble_runs import train_ensemble
         train_ensemble(sequential, Path(run_dir), quiet=quiet)      # skips finished members, resumes the rest
@@ -86,9 +181,11 @@ def resume(run_dir, quiet):
     trainer = Trainer.from_run_dir(run_dir, quiet=quiet)
     if trainer.checkpoint_step is None:
         raise DojoError(f"{run_dir} has no checkpoint to resume from (none that validates; see the warnings above)")
-    if not quiet:
+    if not quiet and dist.is_main:
         click.echo(f"resuming {run_dir} at step {trainer.state.step} of {trainer.total_steps}")
+    dist.barrier()      # every rank has read the checkpoint before rank 0 writes again
     trainer.fit()
+    dist.destroy()      # only after success (see _train_distributed)
 
 
 def _run_status(run_dir: Path) -> str | None:

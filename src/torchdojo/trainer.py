@@ -26,6 +26,7 @@ from .atomic import atomic_write_text
 from .checkpoint import (WEIGHTS, latest_valid_checkpoint, load_checkpoint, remove_leftovers, save_checkpoint,
                          save_weights)
 from .data import DataBundle, TensorLoader, load_data
+from .distributed import Dist
 from .errors import ConfigError, DojoError, choices_text
 from .log import MetricsFile, Reporter, TensorBoardSink
 from .methods import HOOKS, GradClip, Method
@@ -183,6 +184,19 @@ class LossMeter:
         self.total, self.count = state["total"], state["count"]
 
 
+class _LineCounter:
+    """Stands in for rank 0's MetricsFile on the other ranks: writes nothing, counts the lines."""
+
+    def __init__(self, lines: int):
+        self.lines = lines
+
+    def write(self, entry: dict) -> None:
+        self.lines += 1
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, quiet: bool = False,
                  reporter: Reporter | None = None):
@@ -191,6 +205,22 @@ class Trainer:
         self.quiet = quiet
         seed_everything(recipe.seed)
         self.device = resolve_device(recipe.device)
+        # Data parallel under torchrun (see torchdojo.distributed): every rank builds the same model
+        # from the same seed and trains on its slice of each global batch. World 1: nothing changes.
+        self.dist = Dist.from_env()
+        if self.dist.enabled:
+            self.dist.init()
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
+            for i in range(len(recipe.phases)):
+                if recipe.batch_size(i) % self.dist.world:
+                    raise ConfigError(f"phases.{i}.batch_size", f"the global batch size {recipe.batch_size(i)} "
+                                      f"does not divide over {self.dist.world} processes")
+            if recipe.nonfinite.policy == "rollback":
+                raise ConfigError("nonfinite.policy", "rollback is not supported with several processes")
+            if recipe.ensemble is not None:     # its loss does not go through the DDP wrapper's forward
+                raise ConfigError("ensemble", "joint ensembles are not supported with several processes")
+        self._ddp: nn.Module | None = None      # the DistributedDataParallel wrapper of the current phase
         data = load_data(recipe.data.model_dump(), recipe.seed)
         task = TASKS.build(recipe.task, "task")
         if task.task_type != data.info.task_type:
@@ -335,6 +365,13 @@ class Trainer:
         self._train_bn = phase.train_bn
         for m in self._frozen:
             m.requires_grad_(False)
+        if self.dist.enabled:
+            # Rebuilt per phase: DDP registers the parameters that need a gradient when it is built,
+            # and freezing changes them. `s.model` stays the plain module, so checkpoints, evaluation
+            # and the methods see its own parameter names; only the training forward goes through DDP.
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(s.model, device_ids=ids)
         opt_phase = self.recipe.active_optimizer_phase(i)
         if opt_phase != self._optimizer_phase:
             # A phase that names an optimizer starts it fresh (or carries the same optimizer's state);
@@ -370,6 +407,9 @@ class Trainer:
         s, i = self.state, self.state.phase_index
         s.loader = self.train_loader(i, s.epoch_in_phase)
         s.steps_per_epoch = len(s.loader)
+        if self.dist.enabled and s.loader.batch_size % self.dist.world:     # a batch size schedule's
+            raise ConfigError(f"phases.{i}.batch_size", f"the global batch size {s.loader.batch_size} (epoch "
+                              f"{s.epoch_in_phase}) does not divide over {self.dist.world} processes")
         factor = self.lr_scale(i, s.epoch_in_phase)
         self._base_lrs = [base * factor for base in self._group_base]
 
@@ -439,7 +479,16 @@ class Trainer:
 
     def fit(self) -> dict:
         s = self.state
+        if not self.dist.is_main:
+            # Only rank 0 writes (metrics, checkpoints, summary): the others run without a directory.
+            self.run_dir = s.run_dir = None
+            self.quiet = True
+            self.reporter = Reporter(self.total_steps, quiet=True)
         self._run = self._open_run()
+        if not self.dist.is_main:
+            # Counts the lines rank 0 writes, so decisions that depend on them (the checkpoint at a
+            # phase end) are the same on every rank: each one is a collective.
+            self._run = _LineCounter(self._resume_from[1]["metrics_lines"] if self._resume_from else 0)
         t_start = time.perf_counter()
         previous_handlers = self._install_signal_handlers()
         self.reporter.start(s.step)
@@ -526,14 +575,15 @@ class Trainer:
         while s.step_in_phase < s.phase_steps and s.stop_reason is None:
             self._start_epoch()
             for batch in s.loader.epoch(s.epoch_in_phase, start=s.batch_in_epoch):
+                batch = self._shard(batch)
                 loss, parts, finite = self._train_step(batch)
                 if finite:      # a skipped step's NaN stays out of the logged mean
-                    self._meter.add(loss, len(batch["x"]))
+                    self._meter.add(loss, len(batch["x"]) * self.dist.world)
                 if s.step % log_every == 0:
                     self._log_train(parts)
                 if ck.every_steps and s.step % ck.every_steps == 0:
                     self._save_checkpoint(t_start)
-                if self._interrupt is not None:
+                if self._interrupted():
                     self._stop_for_signal(t_start)
                 if s.step_in_phase >= s.phase_steps:
                     break
@@ -550,6 +600,24 @@ class Trainer:
                 self._validate()
             if self._last_checkpoint_lines != self._lines_logged():
                 self._save_checkpoint(t_start)
+
+    def _shard(self, batch: dict) -> dict:
+        """This rank's rows of a global batch: the contiguous slice [r*B/W, (r+1)*B/W). With mean losses,
+        DDP's averaged gradients are then the single-process gradient of the whole batch."""
+        if not self.dist.enabled:
+            return batch
+        n = len(batch["x"]) // self.dist.world
+        return {k: v[self.dist.rank * n:(self.dist.rank + 1) * n] for k, v in batch.items()}
+
+    def _interrupted(self) -> bool:
+        """Whether to stop for SIGINT/SIGTERM. Ranks get the signal at slightly different moments, so with
+        several processes they agree on it each step (one tiny all-reduce) and stop at the same step."""
+        if not self.dist.enabled:
+            return self._interrupt is not None
+        if self.dist.any(self._interrupt is not None, self.device):
+            self._interrupt = self._interrupt or signal.SIGTERM
+            return True
+        return False
 
     def _train_step(self, batch: dict):
         s = self.state
@@ -595,7 +663,9 @@ class Trainer:
                 loss, parts = ensemble_training_loss(s.model, batch, self._loss_terms, self.ensemble.ncl,
                                                      self.ensemble.weight_distance, s.data.info.task_type)
             else:
-                loss, parts = s.task.training_loss(s.model, batch, self._loss_terms)
+                # Through the DDP wrapper with several processes: its forward arms the gradient sync.
+                model = self._ddp if self._ddp is not None else s.model
+                loss, parts = s.task.training_loss(model, batch, self._loss_terms)
         for m in self.hooks["on_loss"]:
             loss = m.on_loss(s, loss, parts)
         (loss * share if share != 1.0 else loss).backward()
@@ -608,10 +678,15 @@ class Trainer:
         rows = len(batch["y"])
         pieces = zip(*(torch.tensor_split(v, min(self._accumulate, rows)) for v in batch.values()))
         total, parts_total = None, {}
-        for piece in pieces:
+        pieces = list(pieces)
+        for k, piece in enumerate(pieces):
             micro = dict(zip(batch.keys(), piece))
             share = len(micro["y"]) / rows
-            loss, parts = self._forward_backward(micro, share)
+            if self._ddp is not None and k < len(pieces) - 1:
+                with self._ddp.no_sync():      # gradients sync once, on the last micro-batch
+                    loss, parts = self._forward_backward(micro, share)
+            else:
+                loss, parts = self._forward_backward(micro, share)
             total = loss.detach() * share if total is None else total + loss.detach() * share
             for name, value in parts.items():
                 parts_total[name] = value * share + parts_total.get(name, 0.0)
@@ -776,6 +851,16 @@ class Trainer:
     def _log_train(self, parts: dict) -> None:
         s = self.state
         loss, samples_per_sec = self._meter.take()
+        if self.dist.enabled:
+            # The mean over ranks, on every rank (a collective) before rank 0 writes it. A rank whose
+            # every step since the last log point was skipped contributes nothing.
+            stats = torch.stack([loss.float().cpu() if loss is not None else torch.zeros(()),
+                                 torch.ones(()) if loss is not None else torch.zeros(()),
+                                 *[torch.as_tensor(v).detach().float().cpu() for v in parts.values()]])
+            stats = stats.to(self.device)
+            stats = self.dist.all_reduce_mean(stats)
+            loss = stats[0] / stats[1] if float(stats[1]) > 0 else None
+            parts = dict(zip(parts, stats[2:]))
         entry = {"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name}
         if loss is not None:            # None: every step since the last log point was skipped
             entry["train/loss"] = loss.item()
@@ -867,11 +952,19 @@ class Trainer:
                 "wall_seconds": self._wall_before + time.perf_counter() - t_start}
 
     def _save_checkpoint(self, t_start: float) -> None:
+        # Every rank gathers its own RNG and loss-meter state (a collective: before the rank-0 branch).
+        ranks = self.dist.gather_objects({"rng": _rng_state(), "loss_meter": self._meter.state_dict()}) \
+            if self.dist.enabled else None
+        # On every rank (not only where files are written): whether a phase end saves again depends on
+        # it, and that save is a collective.
+        self._last_checkpoint_lines = self._lines_logged()
         if self.run_dir is None:
             return
+        state = self._checkpoint_state(t_start)
+        if ranks is not None:
+            state["ranks"] = ranks
         save_checkpoint(self.run_dir / "checkpoints", f"step-{self.state.step:08d}", self.state.model,
-                        self._checkpoint_state(t_start), self.recipe.checkpoint.keep_last)
-        self._last_checkpoint_lines = self._lines_logged()
+                        state, self.recipe.checkpoint.keep_last)
 
     def load_checkpoint(self, path: Path) -> None:
         """Prepare to continue from a checkpoint folder; `fit()` then resumes there. The folder must
@@ -934,14 +1027,17 @@ class Trainer:
         s.step_in_phase, s.epoch_in_phase = state["step_in_phase"], state["epoch_in_phase"]
         s.batch_in_epoch, s.epochs_done = state["batch_in_epoch"], state["epochs_done"]
         s.optimizer.load_state_dict(state["optimizer"])
-        self._meter.load_state_dict(state["loss_meter"])
+        # A multi-process checkpoint has each rank's own RNG and loss meter (see `_save_checkpoint`).
+        ranks = state.get("ranks")
+        own = ranks[self.dist.rank] if ranks is not None and len(ranks) == self.dist.world else state
+        self._meter.load_state_dict(own["loss_meter"])
         self._schedule.load_state_dict(state["schedule"])
         for m, sd in zip(self.methods, state["methods"]):
             m.load_state_dict(sd)
         self._nonfinite_skips, self._nonfinite_in_a_row = state.get("nonfinite", (0, 0))   # older: none
         rollback = state.get("rollback", {"lr_factor": 1.0, "to_steps": []})
         self._lr_factor, self._rollbacks = rollback["lr_factor"], list(rollback["to_steps"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(own["rng"])
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, quiet: bool = False, checkpoint: Path | None = None) -> "Trainer":

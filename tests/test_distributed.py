@@ -1,0 +1,188 @@
+"""Data-parallel training through torchrun (gloo, 2 CPU processes): with the recipe's batch size as the
+global batch, 2 processes train the same model as 1 (up to float rounding of the gradient all-reduce),
+write one run directory, log the same metrics, and resume exactly."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchdojo.checkpoint import list_checkpoints, load_checkpoint
+from torchdojo.distributed import Dist, torchrun_command
+from torchdojo.recipe import load_recipe
+
+from conftest import make_tiny_recipe
+from helpers import MACHINE_KEYS, assert_same_weights, final_weights, fit, read_metrics
+
+OPTIMIZERS = {
+    "sgd": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    "adamw": {"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
+    "lamb": {"name": "lamb", "lr": 0.01, "weight_decay": 0.01},
+}
+
+
+def ddp_recipe(optimizer: dict) -> dict:
+    """16 steps (2 epochs) at global batch 32, no dropout, logged every 2 steps, checkpoints every 5 steps
+    and every epoch: the run ends on an epoch's checkpoint, so the phase end saves nothing more (the
+    ranks must agree on that: each save is a collective)."""
+    r = make_tiny_recipe()
+    r["phases"] = [{"name": "main", "steps": 16, "batch_size": 32, "optimizer": dict(optimizer),
+                    "schedule": [{"name": "warmup", "steps": 3}, {"name": "cosine"}]}]
+    r["log"] = {"every_steps": 2}
+    r["checkpoint"] = {"every_steps": 5, "every_epochs": 1}
+    return r
+
+
+def write_recipe(r: dict, path: Path) -> Path:
+    path.write_text(load_recipe(copy.deepcopy(r)).to_yaml())
+    return path
+
+
+def dojo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    trace = cwd.parent / f"{cwd.name}-trace"
+    shutil.rmtree(trace, ignore_errors=True)
+    trace.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDOJO_DIST_TRACE": str(trace)}
+    # Its own process group, so a hang (ranks waiting in different collectives) kills torchrun's workers too.
+    proc = subprocess.Popen([sys.executable, "-m", "torchdojo", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"`dojo {' '.join(args)}` hung (did the ranks call different collectives?)")
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    # Every rank called the same collectives in the same order (mismatches can pass or hang by chance).
+    traces = [p.read_text() for p in sorted(trace.glob("rank*.txt"))]
+    assert len(set(traces)) <= 1, "ranks called different collectives"
+    return out
+
+
+def assert_close_metrics(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for ea, eb in zip(a, b):
+        ea = {k: v for k, v in ea.items() if k not in MACHINE_KEYS}
+        eb = {k: v for k, v in eb.items() if k not in MACHINE_KEYS}
+        assert ea.keys() == eb.keys()
+        for k in ea:
+            if isinstance(ea[k], float):
+                assert ea[k] == pytest.approx(eb[k], abs=1e-5), (ea["step"], k)
+            else:
+                assert ea[k] == eb[k], (ea["step"], k)
+
+
+def test_dist_defaults_to_one_process(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    d = Dist.from_env()
+    assert (d.rank, d.world, d.is_main, d.enabled) == (0, 1, True, False)
+    t = torch.tensor([1.0, 3.0])
+    assert d.all_reduce_mean(t) is t and d.gather_objects("x") == ["x"]
+    cmd = torchrun_command(2, ["train", "r.yaml"], 3)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-4:] == ["-m", "torchdojo", "train", "r.yaml"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and cmd[cmd.index("--max-restarts") + 1] == "3"
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_two_processes_train_like_one_with_the_global_batch(optimizer, tmp_path):
+    r = ddp_recipe(OPTIMIZERS[optimizer])
+    _, _ = fit(copy.deepcopy(r), tmp_path / "one")
+    work = tmp_path / "work"
+    work.mkdir()
+    recipe = write_recipe(r, work / "recipe.yaml")
+    out = dojo("train", str(recipe), "--run-dir", "two", "--nproc", "2", "-q", cwd=work)
+    assert out.returncode == 0, out.stderr
+    two = work / "two"
+    # One run directory (rank 0's), nothing else written next to it, the same checkpoints.
+    assert sorted(p.name for p in work.iterdir()) == ["recipe.yaml", "two"]
+    assert [p.name for p in list_checkpoints(two / "checkpoints")] == \
+        [p.name for p in list_checkpoints(tmp_path / "one" / "checkpoints")]
+    a, b = final_weights(tmp_path / "one"), final_weights(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5, msg=k)
+    # train/loss (mean over the ranks) at each log step, LRs, grad norms and val metrics.
+    assert_close_metrics(read_metrics(tmp_path / "one"), read_metrics(two))
+
+
+def test_batch_size_that_does_not_divide_is_a_clean_error(tmp_path):
+    r = ddp_recipe(OPTIMIZERS["sgd"])
+    r["phases"][0]["batch_size"] = 33
+    recipe = write_recipe(r, tmp_path / "recipe.yaml")
+    out = dojo("train", str(recipe), "--run-dir", "two", "--nproc", "2", "-q", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "phases.0.batch_size" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "two").exists()
+
+
+def test_nproc_needs_a_run_dir(tmp_path):
+    recipe = write_recipe(ddp_recipe(OPTIMIZERS["sgd"]), tmp_path / "recipe.yaml")
+    out = dojo("train", str(recipe), "--nproc", "2", "-q", cwd=tmp_path)
+    assert out.returncode == 2 and "--run-dir" in out.stderr
+
+
+def test_two_process_run_resumes_exactly(tmp_path):
+    """Stopped at step 5 (checkpoint) and resumed with 2 processes: the run that never stopped, bit for bit,
+    with dropout and gradient accumulation (no_sync) active."""
+    r = ddp_recipe(OPTIMIZERS["adamw"])
+    r["model"]["dropout"] = 0.2
+    r["phases"][0]["accumulate"] = 2
+    r["phases"][0]["steps"] = 10
+    r["checkpoint"] = {"every_steps": 1, "every_epochs": None, "keep_last": 100}
+    recipe = write_recipe(r, tmp_path / "recipe.yaml")
+    out = dojo("train", str(recipe), "--run-dir", "full", "--nproc", "2", "-q", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _, state = load_checkpoint(list_checkpoints(full / "checkpoints")[4])
+    assert len(state["ranks"]) == 2       # each rank's own RNG and loss meter
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "final")
+    (resumed / "summary.json").unlink()
+    for ck in list_checkpoints(resumed / "checkpoints"):
+        if int(ck.name.split("-")[1]) > 5:
+            shutil.rmtree(ck)
+    out = dojo("resume", "resumed", "--nproc", "2", "-q", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert_same_weights(final_weights(full), final_weights(resumed))
+    strip = lambda es: [{k: v for k, v in e.items() if k not in MACHINE_KEYS} for e in es]  # noqa: E731
+    assert strip(read_metrics(full)) == strip(read_metrics(resumed))
+
+
+def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
+    """SIGTERM to `dojo train --nproc 2` reaches both processes through torchrun; they agree on the step,
+    rank 0 writes the checkpoint (with both ranks' RNG states) and the run exits 143."""
+    r = ddp_recipe(OPTIMIZERS["sgd"])
+    r["phases"][0]["steps"] = 100_000
+    r["log"] = {"every_steps": 1}
+    recipe = write_recipe(r, tmp_path / "recipe.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torchdojo", "train", str(recipe), "--run-dir", "run",
+                             "--nproc", "2", "-q"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        for _ in range(600):          # until training runs (the first logged step)
+            if metrics.exists() and metrics.read_text().strip():
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr
+    assert "dojo resume run --nproc 2" in stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    _, state = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert state["step"] == summary["steps"] and len(state["ranks"]) == 2
