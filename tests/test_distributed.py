@@ -186,3 +186,128 @@ def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
     assert summary["status"] == "interrupted"
     _, state = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
     assert state["step"] == summary["steps"] and len(state["ranks"]) == 2
+
+
+# -- elastic restarts: a rank that raises at step k -----------------------------------------------------
+
+CRASH_PLUGIN = '''
+import os
+from pathlib import Path
+
+from torchdojo.methods import Method
+
+
+class CrashOnce(Method):
+    """Rank 1 raises at step `at` unless the marker file exists (it creates it first): the restarted
+    workers run past that step."""
+
+    def __init__(self, at: int, marker: str):
+        self.at, self.marker = at, Path(marker)
+
+    def on_batch(self, state, batch):
+        if os.environ.get("RANK") == "0":        # the steps rank 0 trains, across restarts
+            with open(str(self.marker) + ".steps", "a") as f:
+                f.write(f"{state.step + 1}" + chr(10))
+        if state.step + 1 == self.at and os.environ.get("RANK") == "1" and not self.marker.exists():
+            self.marker.write_text("crashed")
+            raise RuntimeError(f"injected crash at step {self.at}")
+        return batch
+
+
+def register(registry):
+    registry.METHODS.register("crash_once", CrashOnce)
+'''
+
+
+def crash_plugin(root: Path) -> dict:
+    """A `torchdojo.plugins` entry point on PYTHONPATH that registers the `crash_once` method in the
+    worker processes (how users add their own components)."""
+    (root / "crashplugin.py").write_text(CRASH_PLUGIN)
+    info = root / "crashplugin-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crashplugin\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[torchdojo.plugins]\ncrash = crashplugin:register\n")
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")]))}
+
+
+def _crash_run(tmp_path: Path, name: str, restarts: int, marker: Path, env: dict) -> subprocess.CompletedProcess:
+    r = ddp_recipe(OPTIMIZERS["adamw"])
+    r["checkpoint"] = {"every_steps": 2, "every_epochs": None, "keep_last": 3}
+    r["methods"] = [{"name": "crash_once", "at": 7, "marker": str(marker)}]
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(json.dumps(r))
+    proc = subprocess.Popen([sys.executable, "-m", "torchdojo", "train", str(recipe), "--run-dir", name, "--nproc",
+                             "2", "--max-restarts", str(restarts), "-q"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the crashed job did not end in 90 s")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _left_over(run_dir: Path) -> list[str]:
+    """Processes still running whose command line names the run directory."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if str(run_dir.name) in line and "torchdojo" in line and "ps -eo" not in line]
+
+
+def test_a_crashed_rank_restarts_from_the_checkpoint_and_finishes_like_an_uninterrupted_run(tmp_path):
+    env = crash_plugin(tmp_path)
+    never = tmp_path / "never-crash"
+    never.write_text("the uninterrupted run: the marker exists, so nothing crashes")
+    out = _crash_run(tmp_path, "clean", 0, never, env)
+    assert out.returncode == 0, out.stderr
+    marker = tmp_path / "crash-marker"
+    out = _crash_run(tmp_path, "restarted", 1, marker, env)
+    assert out.returncode == 0, out.stderr
+    assert marker.read_text() == "crashed"                  # it did crash once, at step 7
+    steps = [int(x) for x in Path(str(marker) + ".steps").read_text().split()]
+    # The restart resumed from the checkpoint at step 6: steps 1-6 ran once, 7 (the crash) ran again.
+    assert steps.count(1) == 1 and steps.count(6) == 1 and steps.count(7) == 2 and max(steps) == 16, steps
+    assert_same_weights(final_weights(tmp_path / "clean"), final_weights(tmp_path / "restarted"))
+    strip = lambda es: [{k: v for k, v in e.items() if k not in MACHINE_KEYS} for e in es]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "clean")) == strip(read_metrics(tmp_path / "restarted"))
+
+
+def test_without_restarts_a_crash_ends_the_job_quickly_and_leaves_no_process(tmp_path):
+    env = crash_plugin(tmp_path)
+    t0 = time.perf_counter()
+    out = _crash_run(tmp_path, "norestart", 0, tmp_path / "crash-marker", env)
+    assert out.returncode != 0
+    assert time.perf_counter() - t0 < 60
+    assert "injected crash at step 7" in out.stderr
+    time.sleep(0.5)
+    assert _left_over(tmp_path / "norestart") == []
+
+
+def test_two_nodes_on_this_machine_train_like_one_process(tmp_path):
+    """Two torchrun invocations, one process each, `--nnodes 2` with a loopback c10d rendezvous (what two
+    machines would run), give the single-process result."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = ddp_recipe(OPTIMIZERS["adamw"])
+    recipe = write_recipe(r, tmp_path / "recipe.yaml")
+    single = fit(r, tmp_path / "single")[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-id", "twonodes",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "torchdojo", "train", str(recipe),
+                               "--run-dir", "nodes", "-q"], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+             for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=90) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    for name, a in final_weights(tmp_path / "single").items():
+        torch.testing.assert_close(final_weights(tmp_path / "nodes")[name], a, rtol=1e-5, atol=1e-6)
+    assert single["steps"] == json.loads((tmp_path / "nodes" / "summary.json").read_text())["steps"]
