@@ -66,7 +66,20 @@ def _lambdas(alpha: float, p: float, per_sample_: bool, n: int, g: torch.Generat
     return torch.where(keep, torch.ones_like(lam), lam)
 
 
-class Mixup(Augment):
+class _LabelMixer(Augment):
+    """The options mixup and cutmix share (each keeps its own default alpha in its signature, which is
+    what the recipe schema reads)."""
+
+    mixes_labels = True
+
+    def __init__(self, alpha: float, p: float, per_sample: bool, num_classes: int | None):
+        self.alpha = check_number("alpha", alpha, 0.0, None, low_open=True)
+        self.p = check_p(p)
+        self.per_sample = bool(per_sample)
+        self.num_classes = _check_num_classes(num_classes)
+
+
+class Mixup(_LabelMixer):
     """mixup (Zhang et al. 2017, arXiv 1710.09412): blend samples and their targets in pairs.
 
     x_i <- lam x_i + (1 - lam) x_j and the same for the targets, with j a random permutation of the batch
@@ -75,14 +88,10 @@ class Mixup(Augment):
     lam uniform)."""
 
     kind = "any"
-    mixes_labels = True
 
     def __init__(self, alpha: float = 0.2, p: float = 1.0, per_sample: bool = False, *,
                  num_classes: int | None = None):
-        self.alpha = check_number("alpha", alpha, 0.0, None, low_open=True)
-        self.p = check_p(p)
-        self.per_sample = bool(per_sample)
-        self.num_classes = _check_num_classes(num_classes)
+        super().__init__(alpha, p, per_sample, num_classes)
 
     def __call__(self, batch: dict, generator: torch.Generator) -> dict:
         x = float_input("mixup", batch, None, "(N, ...)")
@@ -99,7 +108,7 @@ class Mixup(Augment):
                        mix_lambda=lam.to(work_dtype(x)), mix_index=perm)
 
 
-class CutMix(Augment):
+class CutMix(_LabelMixer):
     """CutMix (Yun et al. 2019, arXiv 1905.04899): paste a box of another image, mix targets by area.
 
     For images (N, C, H, W): a box of a partner image (random permutation) is pasted into each image.
@@ -110,14 +119,10 @@ class CutMix(Augment):
     probability p."""
 
     kind = "image"
-    mixes_labels = True
 
     def __init__(self, alpha: float = 1.0, p: float = 1.0, per_sample: bool = False, *,
                  num_classes: int | None = None):
-        self.alpha = check_number("alpha", alpha, 0.0, None, low_open=True)
-        self.p = check_p(p)
-        self.per_sample = bool(per_sample)
-        self.num_classes = _check_num_classes(num_classes)
+        super().__init__(alpha, p, per_sample, num_classes)
 
     def __call__(self, batch: dict, generator: torch.Generator) -> dict:
         x = float_input("cutmix", batch, 4, "(N, C, H, W)")
