@@ -658,21 +658,12 @@ class _Progress:
     """A rich progress bar on stderr in a terminal, one line per finished run otherwise, nothing with -q."""
 
     def __init__(self, total: int, labels: list[str], main_metric_hint: Iterable[str], quiet: bool):
-        from rich.console import Console
+        from .log import TaskProgress
 
         self.total, self.labels, self.done = total, labels, 0
         self.hint = tuple(main_metric_hint)
-        self.quiet = quiet
-        self.console = Console(stderr=True)
-        self.bar = None
         self._lock = threading.Lock()
-        if not quiet and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self.bar = Progress(TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[last]}"), TimeRemainingColumn(),
-                                console=self.console, transient=True)
-            self.task = self.bar.add_task("", total=total, last="")
-            self.bar.start()
+        self.bar = TaskProgress("compare", total, quiet).__enter__()
 
     def line(self, spec: RunSpec) -> str:
         what = {"reuse": "reused", "resume": "resumed"}.get(spec.action, spec.status)
@@ -691,19 +682,11 @@ class _Progress:
 
     def _report(self, spec: RunSpec) -> None:
         self.done += 1
-        if self.quiet:
-            return
-        text = self.line(spec)
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, last=f"{self.labels[spec.variant]} seed {spec.seed}")
-            if spec.status != "finished":
-                self.bar.console.print(text, highlight=False, markup=False)
-        else:
-            click.echo(text, err=True)
+        self.bar.advance(f"{self.labels[spec.variant]} seed {spec.seed}")
+        self.bar.note(self.line(spec), with_bar=spec.status != "finished")
 
     def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.bar.__exit__()
 
 
 # -- existing runs ---------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ class TaskProgress:
 
     def __init__(self, description: str, total: int, quiet: bool = False, console: Console | None = None):
         console = console or Console(stderr=True)
-        self.progress = None
+        self.progress, self.quiet = None, quiet
         if not quiet and console.is_terminal:
             self.progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[label]}"), TimeRemainingColumn(),
@@ -111,9 +111,24 @@ class TaskProgress:
         if self.progress is not None:
             self.progress.update(self._task, advance=1, label=label)
 
+    def show(self, label: str) -> None:
+        """What is being worked on now, without advancing."""
+        if self.progress is not None:
+            self.progress.update(self._task, label=label)
+
+    def note(self, text: str, with_bar: bool = True) -> None:
+        """A line about a finished piece: above the bar on a terminal (only when `with_bar`), on stderr
+        otherwise (one line per piece for logs), nothing when quiet."""
+        if self.quiet:
+            return
+        if self.progress is None:
+            print(text, file=sys.stderr, flush=True)
+        elif with_bar:
+            self.progress.console.print(text, highlight=False, markup=False)
+
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
-            self.progress.stop()
+            self.progress.stop()          # safe to call twice (compare and pair-search may)
 
 
 class Reporter:

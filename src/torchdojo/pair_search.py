@@ -348,44 +348,27 @@ class _Progress:
     """A rich progress bar on stderr in a terminal, one line per finished head otherwise, nothing with -q."""
 
     def __init__(self, total: int, quiet: bool):
-        from rich.console import Console
+        from .log import TaskProgress
 
-        self.total, self.done, self.quiet = total, 0, quiet
-        self.console = Console(stderr=True)
-        self.bar = None
-        if not quiet and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self.bar = Progress(TextColumn("[bold]pair-search"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[last]}"), TimeRemainingColumn(),
-                                console=self.console, transient=True)
-            self.task = self.bar.add_task("", total=total, last="")
-            self.bar.start()
+        self.total, self.done = total, 0
+        self.bar = TaskProgress("pair-search", total, quiet).__enter__()
 
     def starting(self, job: Job) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, last=job.label)
+        self.bar.show(job.label)
 
     def finished(self, job: Job) -> None:
         self.done += 1
-        if self.quiet:
-            return
         what = {"reuse": "reused", "resume": "resumed"}.get(job.action, job.status)
         if job.status != "finished":
             text = f"[{self.done}/{self.total}] {job.label}: FAILED: {job.error}"
         else:
             secs = f" in {job.seconds:.1f} s" if job.action != "reuse" else ""
             text = f"[{self.done}/{self.total}] {job.label}: {what}{secs}, {METRIC} {_num(job.accuracy)}"
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1)
-            if job.status != "finished":
-                self.bar.console.print(text, highlight=False, markup=False)
-        else:
-            click.echo(text, err=True)
+        self.bar.advance(job.label)
+        self.bar.note(text, with_bar=job.status != "finished")
 
     def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        self.bar.__exit__()
 
 
 def pair_search(run_dirs: Sequence[str | Path], recipe: str, out: str | Path, overrides: Sequence[str] = (),
