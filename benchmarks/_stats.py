@@ -33,3 +33,17 @@ def run_figures(total_seconds: float, default_threads: int) -> dict:
     return {"total_seconds": round(total_seconds, 1), "torch": torch.__version__,
             "torchdojo": getattr(torchdojo, "__version__", "unknown"),
             "threads": torch.get_num_threads(), "torch_default_threads": default_threads}
+
+
+def add_threads_option(parser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads; 0 keeps torch's default (one per core)")
+
+
+def apply_threads(args) -> int:
+    """Set torch's intra-op threads from `--threads`; returns torch's default, for `run_figures`."""
+    import torch
+    default_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return default_threads

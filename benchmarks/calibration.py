@@ -75,7 +75,7 @@ from torchdojo.tasks.base import collect_outputs
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stats import mean, std, r4  # noqa: E402
+from _stats import add_threads_option, apply_threads, mean, r4  # noqa: E402, std
 
 BATCH_SIZE = 64
 SPLIT_SEED = 0
@@ -145,12 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=60, help="E, epochs of every run (56 steps each)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lr", type=float, default=1e-3, help="constant Adam learning rate")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads; 0 keeps torch's default (one per core)")
+    add_threads_option(ap)
     args = ap.parse_args(argv)
-    default_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = apply_threads(args)
     t_start = time.perf_counter()
     seeds, E = args.seeds, args.epochs
 

@@ -54,7 +54,7 @@ import torchdojo
 from torchdojo.models import MODELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stats import mean, std, verdict, r4, run_figures  # noqa: E402
+from _stats import add_threads_option, apply_threads, mean, r4, run_figures  # noqa: E402, std, verdict
 
 BATCH_SIZE = 64
 LR, WEIGHT_DECAY, MIN_FACTOR = 3e-3, 0.01, 0.05
@@ -117,12 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=20, help="epochs of every student run (56 steps each)")
     ap.add_argument("--teacher-epochs", type=int, default=30, help="epochs of the teacher run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads; 0 keeps torch's default (one per core)")
+    add_threads_option(ap)
     args = ap.parse_args(argv)
-    default_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = apply_threads(args)
     t_start = time.perf_counter()
     seeds, E = args.seeds, args.epochs
     temps = list(TEMPERATURES)

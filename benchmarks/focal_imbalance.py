@@ -59,7 +59,7 @@ from torchdojo.recipe import load_recipe
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import mean, std, verdict, r4, run_figures  # noqa: E402
+from _stats import add_threads_option, apply_threads, mean, r4, run_figures  # noqa: E402, std, verdict
 
 RATIO = 20
 BATCH_SIZE = 64
@@ -133,12 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs-mnist1d", type=int, default=30, help="epochs of every mnist1d run (29 steps each)")
     ap.add_argument("--epochs-digits", type=int, default=40, help="epochs of every digits run (about 10 steps each)")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads; 0 keeps torch's default (one per core)")
+    add_threads_option(ap)
     args = ap.parse_args(argv)
-    default_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = apply_threads(args)
     t_start = time.perf_counter()
     seeds = args.seeds
     epochs = {"mnist1d": args.epochs_mnist1d, "digits": args.epochs_digits}

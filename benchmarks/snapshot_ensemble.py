@@ -56,7 +56,7 @@ from torchdojo.recipe import load_recipe, read_recipe_source
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import mean, std, verdict, r4, run_figures  # noqa: E402
+from _stats import add_threads_option, apply_threads, mean, r4, run_figures  # noqa: E402, std, verdict
 
 BATCH_SIZE = 64
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -146,12 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr-grid", type=float, nargs="+", default=list(LR_GRID),
                     help="peak LRs tried for the single cosine run (seed = first seed), best validation accuracy wins")
     ap.add_argument("--skip-stages", action="store_true", help="run part 1 only")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads; 0 keeps torch's default (one per core)")
+    add_threads_option(ap)
     args = ap.parse_args(argv)
-    default_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = apply_threads(args)
     t_start = time.perf_counter()
     seeds, E = args.seeds, args.epochs
 
