@@ -4,6 +4,7 @@ Read `Trainer.fit` top to bottom: phases, epochs, steps, evaluation, checkpoints
 varies between recipes lives in the task (objective, metrics) and the methods (hooks)."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import json
@@ -657,7 +658,7 @@ class Trainer:
     def _forward_backward(self, batch: dict, share: float = 1.0):
         """Loss of a (micro-)batch after the methods' `on_loss` hooks; back-propagates `share` of it."""
         s = self.state
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+        with self._precision():
             if self.ensemble is not None:      # each member's own loss, plus the diversity penalties
                 from .ensembles import ensemble_training_loss
                 loss, parts = ensemble_training_loss(s.model, batch, self._loss_terms, self.ensemble.ncl,
@@ -670,6 +671,12 @@ class Trainer:
             loss = m.on_loss(s, loss, parts)
         (loss * share if share != 1.0 else loss).backward()
         return loss, parts
+
+    def _precision(self):
+        """bf16 autocast for `precision: bf16`; a no-op context otherwise (nothing entered per step)."""
+        if self._bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _accumulated_forward_backward(self, batch: dict):
         """Gradient accumulation: the batch in `accumulate` micro-batches, each loss weighted by its share
