@@ -7,6 +7,8 @@ of the logged training throughput between log points (the first interval, with a
 costs, left out). Part 2 runs a torchrun job of 2 workers (this file with
 `--worker`) that time `--steps` DDP training steps of the same model with gradient synchronisation and
 the same steps under `no_sync()` (no communication); communication share = 1 - t(no_sync) / t(sync).
+The workers also time the cnn with BatchNorm, plain and with `sync_batchnorm` (torchdojo's CPU
+SyncBatchNorm: two more all-reduces per BatchNorm layer in each direction): the cost of the option.
 
 What a 2-core machine can show: whether two processes on two cores beat one (the model is tiny, so the
 fixed per-step cost of synchronising ~100k gradients weighs a lot), not how data parallelism scales on
@@ -74,16 +76,35 @@ def worker(steps: int) -> None:
                 torch.nn.functional.cross_entropy(ddp(x), y).backward()
         opt.step()
 
-    times = {}
-    for sync in (True, False, True, False):           # warm-up rounds, then the measured ones
+    def timed(run_step, *args) -> float:
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(steps):
-            step(sync)
+            run_step(*args)
         dist.barrier()
-        times[sync] = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    times = {}
+    for sync in (True, False, True, False):           # warm-up rounds, then the measured ones
+        times[sync] = timed(step, sync)
+
+    from torchdojo.sync_batchnorm import convert_sync_batchnorm
+    bn_times = {}
+    for synced in (False, True, False, True):
+        torch.manual_seed(0)
+        bn_model = MODELS.build({"name": "cnn", "channels": [32, 64], "hidden": 128, "batch_norm": True}, "model",
+                                input_shape=(1, 8, 8), num_outputs=10)
+        bn_ddp = DistributedDataParallel(convert_sync_batchnorm(bn_model) if synced else bn_model)
+        bn_opt = torch.optim.AdamW(bn_model.parameters(), lr=1e-3)
+
+        def bn_step() -> None:
+            bn_opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(bn_ddp(x), y).backward()
+            bn_opt.step()
+        bn_times[synced] = timed(bn_step)
     if rank == 0:
-        print(json.dumps({"sync_seconds": times[True], "no_sync_seconds": times[False], "steps": steps}))
+        print(json.dumps({"sync_seconds": times[True], "no_sync_seconds": times[False], "steps": steps,
+                          "bn_seconds": bn_times[False], "sync_bn_seconds": bn_times[True]}))
     dist.destroy_process_group()
 
 
@@ -123,12 +144,15 @@ def main(argv=None) -> int:
                               env=env, capture_output=True, text=True, timeout=600)
         timing = json.loads(comm.stdout.strip().splitlines()[-1])
         rounds.append({"sps1": rates[0], "sps2": rates[1],
-                       "share": 1 - timing["no_sync_seconds"] / timing["sync_seconds"], **timing})
+                       "share": 1 - timing["no_sync_seconds"] / timing["sync_seconds"],
+                       "sync_bn_ratio": timing["sync_bn_seconds"] / timing["bn_seconds"], **timing})
         print(f"round {k}: 1 process {rounds[-1]['sps1']:.0f} samples/s, 2 processes {rounds[-1]['sps2']:.0f}, "
-              f"communication share {rounds[-1]['share']:.1%}", flush=True)
+              f"communication share {rounds[-1]['share']:.1%}, sync_batchnorm step time "
+              f"{rounds[-1]['sync_bn_ratio']:.2f}x", flush=True)
     med = lambda key: statistics.median(x[key] for x in rounds)  # noqa: E731
     sps1, sps2, share = med("sps1"), med("sps2"), med("share")
     timing = {"sync_seconds": med("sync_seconds"), "no_sync_seconds": med("no_sync_seconds")}
+    bn_ms, sync_bn_ms = med("bn_seconds") / args.steps * 1e3, med("sync_bn_seconds") / args.steps * 1e3
     print(f"medians over {args.repeats} rounds:")
     print(f"1 process : {sps1:8.0f} samples/s ({one['steps']} steps of global batch {BATCH}, "
           f"test acc {one['metrics']['test/accuracy']:.4f})")
@@ -136,10 +160,14 @@ def main(argv=None) -> int:
           f"speed-up {sps2 / sps1:.2f}x")
     print(f"communication share of a 2-process step: {share:.1%} ({timing['sync_seconds'] / args.steps * 1e3:.2f} ms "
           f"per synchronised step, {timing['no_sync_seconds'] / args.steps * 1e3:.2f} ms without synchronisation)")
+    print(f"cnn with BatchNorm, 2 processes: {bn_ms:.2f} ms per step, {sync_bn_ms:.2f} ms with sync_batchnorm "
+          f"({med('sync_bn_ratio'):.2f}x)")
     print(json.dumps({"benchmark": "ddp_overhead", "samples_per_sec_1proc": round(sps1, 1),
                       "samples_per_sec_2proc": round(sps2, 1), "speedup": r4(sps2 / sps1),
                       "communication_share": r4(share), "ms_per_step_sync": r4(timing["sync_seconds"] / args.steps * 1e3),
                       "ms_per_step_no_sync": r4(timing["no_sync_seconds"] / args.steps * 1e3),
+                      "ms_per_step_bn": r4(bn_ms), "ms_per_step_sync_bn": r4(sync_bn_ms),
+                      "sync_bn_step_ratio": r4(med("sync_bn_ratio")),
                       "global_batch": BATCH, "epochs": args.epochs,
                       **run_figures(time.perf_counter() - t_start, default_threads)}))
     return 0

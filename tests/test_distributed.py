@@ -47,18 +47,36 @@ def write_recipe(r: dict, path: Path) -> Path:
     return path
 
 
-def dojo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. torchrun starts each worker in a session of its own, so
+    killing the launcher's process group would leave hung workers behind."""
+    children: dict[int, list[int]] = {}
+    for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    todo, found = [pid], []
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def dojo(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     trace = cwd.parent / f"{cwd.name}-trace"
     shutil.rmtree(trace, ignore_errors=True)
     trace.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDOJO_DIST_TRACE": str(trace)}
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "TORCHDOJO_DIST_TRACE": str(trace)}
     # Its own process group, so a hang (ranks waiting in different collectives) kills torchrun's workers too.
     proc = subprocess.Popen([sys.executable, "-m", "torchdojo", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.communicate()
         pytest.fail(f"`dojo {' '.join(args)}` hung (did the ranks call different collectives?)")
     out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -179,7 +197,7 @@ def test_sigterm_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
     assert proc.returncode == 143, stderr
     assert "dojo resume run --nproc 2" in stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -243,7 +261,7 @@ def _crash_run(tmp_path: Path, name: str, restarts: int, marker: Path, env: dict
     try:
         stdout, stderr = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.communicate()
         pytest.fail("the crashed job did not end in 90 s")
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -306,8 +324,112 @@ def test_two_nodes_on_this_machine_train_like_one_process(tmp_path):
     finally:
         for p in nodes:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                kill_tree(p.pid)
     assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     for name, a in final_weights(tmp_path / "single").items():
         torch.testing.assert_close(final_weights(tmp_path / "nodes")[name], a, rtol=1e-5, atol=1e-6)
     assert single["steps"] == json.loads((tmp_path / "nodes" / "summary.json").read_text())["steps"]
+
+
+# -- synchronized BatchNorm, joint ensembles, non-finite steps -------------------------------------------
+
+def _two_like_one(r: dict, tmp_path: Path, env: dict | None = None, name: str = "two") -> tuple[dict, dict]:
+    """Final weights of `r` trained in 1 process (in this one) and in 2 (`dojo train --nproc 2`)."""
+    single = tmp_path / f"{name}-one"
+    fit(copy.deepcopy(r), single)
+    recipe = write_recipe(r, tmp_path / f"{name}.yaml")
+    out = dojo("train", str(recipe), "--run-dir", name, "--nproc", "2", "-q", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert_close_metrics(read_metrics(single), read_metrics(tmp_path / name))
+    return final_weights(single), final_weights(tmp_path / name)
+
+
+def test_sync_batchnorm_makes_two_processes_train_like_one(tmp_path):
+    """With BatchNorm, each process normalizes its half of the batch unless `sync_batchnorm` is on; with
+    it, the parameters and running statistics equal the single-process run's."""
+    r = ddp_recipe(OPTIMIZERS["sgd"])
+    r["model"]["batch_norm"] = True
+    r["sync_batchnorm"] = True
+    one, two = _two_like_one(r, tmp_path)
+    assert any(k.endswith("running_var") for k in one)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5, msg=k)
+    # Without it the running statistics are those of half-batches: measurably different.
+    r["sync_batchnorm"] = False
+    out = dojo("train", str(write_recipe(r, tmp_path / "plain.yaml")), "--run-dir", "plain", "--nproc", "2",
+               "-q", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    plain = final_weights(tmp_path / "plain")
+    assert max(float((plain[k] - one[k]).abs().max()) for k in one if k.endswith("running_var")) > 1e-3
+
+
+def test_joint_ensemble_with_two_processes_trains_like_one(tmp_path):
+    """A joint (vmap) ensemble with NCL: the members' loss runs inside the DDP wrapper's forward, so every
+    member's gradients are synchronized."""
+    r = ddp_recipe(OPTIMIZERS["adamw"])
+    r["ensemble"] = {"members": 3, "ncl": 0.5}
+    one, two = _two_like_one(r, tmp_path)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+INF_PLUGIN = '''
+import os
+from pathlib import Path
+
+import torch
+
+from torchdojo.methods import Method
+
+
+class InfLossOnce(Method):
+    """Adds +inf to the loss of process `rank` at step `at`, once (a marker file): the loss is not finite,
+    the gradients are. Only that process sees it, so the others must learn of it to act together."""
+
+    def __init__(self, at: int, rank: int, marker: str):
+        self.at, self.rank, self.marker = at, rank, Path(marker)
+
+    def on_loss(self, state, loss, parts):
+        if (state.step + 1 == self.at and os.environ.get("RANK", "0") == str(self.rank)
+                and not self.marker.exists()):
+            self.marker.write_text("done")
+            return loss + torch.tensor(float("inf"))
+        return loss
+
+
+def register(registry):
+    registry.METHODS.register("inf_loss_once", InfLossOnce)
+'''
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_a_non_finite_loss_on_one_process_makes_all_skip_or_roll_back_together(policy, tmp_path):
+    """An infinite loss on rank 1 only, at step 7: both processes skip the step (or roll back to the step-6
+    checkpoint with half the LR) and end like one process with the same event."""
+    (tmp_path / "infplugin.py").write_text(INF_PLUGIN)
+    info = tmp_path / "infplugin-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: infplugin\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[torchdojo.plugins]\ninf = infplugin:register\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH", "")]))}
+    runs = {}
+    for nproc, rank in ((1, 0), (2, 1)):
+        r = ddp_recipe(OPTIMIZERS["adamw"])
+        r["nonfinite"] = {"policy": policy}
+        r["checkpoint"] = {"every_steps": 2, "every_epochs": None, "keep_last": 3}
+        r["methods"] = [{"name": "inf_loss_once", "at": 7, "rank": rank, "marker": str(tmp_path / f"marker{nproc}")}]
+        recipe = tmp_path / f"p{nproc}.yaml"
+        recipe.write_text(json.dumps(r))
+        out = dojo("train", str(recipe), "--run-dir", f"p{nproc}", "--nproc", str(nproc), "-q", cwd=tmp_path, env=env)
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / f"marker{nproc}").exists()
+        runs[nproc] = tmp_path / f"p{nproc}"
+    metrics = read_metrics(runs[2])
+    if policy == "skip":
+        assert [e["train/nonfinite_skips"] for e in metrics if "train/nonfinite_skips" in e][-1] == 1
+    else:
+        events = [e for e in metrics if e.get("event") == "rollback"]
+        assert len(events) == 1 and events[0]["step"] == 6 and events[0]["lr_factor"] == 0.5
+    assert_close_metrics(read_metrics(runs[1]), metrics)
+    for k, a in final_weights(runs[1]).items():
+        torch.testing.assert_close(final_weights(runs[2])[k], a, atol=1e-5, rtol=1e-5, msg=k)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -140,8 +141,10 @@ def _train_distributed(r, run_dir: Path, quiet: bool, dist, restarted: bool) -> 
 
     dist.init()
     resume = restarted and latest_valid_checkpoint(run_dir / "checkpoints")[0] is not None
-    if restarted and not resume and dist.is_main and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()        # the failed attempt's lines: it starts over
+    if restarted and not resume and dist.is_main:
+        # The failed attempt wrote lines and TensorBoard events but no checkpoint: it starts over.
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
     dist.barrier()
     trainer = Trainer.from_run_dir(run_dir, quiet=quiet) if resume else Trainer(r, run_dir, quiet=quiet)
     dist.barrier()      # every rank has built (and read) what it needs before rank 0 writes

@@ -169,6 +169,9 @@ class Recipe(_Strict):
     # bf16: the training forward pass and loss under torch.autocast(bfloat16); weights, gradients and the
     # optimizer stay float32, and evaluation runs in float32.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # With several processes: BatchNorm normalizes with the statistics of the whole global batch
+    # (torchdojo.sync_batchnorm); with one process it changes nothing.
+    sync_batchnorm: bool = False
     data: DataSpec
     model: dict[str, Any]
     task: dict[str, Any] = {"name": "classify"}

@@ -35,6 +35,7 @@ from .optim.param_groups import apply_lr_mult, param_groups
 from .recipe import BALANCED_OPTIONS, LossWeightSchedule, Recipe, load_recipe
 from .registry import AUGMENTS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
 from .schedules import Clock, Schedule
+from .sync_batchnorm import convert_sync_batchnorm
 from .tasks import LossTerm
 
 CHECKPOINT_FORMAT = 1
@@ -185,6 +186,19 @@ class LossMeter:
         self.total, self.count = state["total"], state["count"]
 
 
+class _BatchLoss(nn.Module):
+    """A batch's training loss as one module call: the unit DistributedDataParallel wraps, as DDP only
+    synchronizes gradients of parameters used inside its wrapper's forward."""
+
+    def __init__(self, model: nn.Module, compute):
+        super().__init__()
+        self.model = model
+        self.compute = compute      # (model, batch) -> (loss, parts)
+
+    def forward(self, batch: dict):
+        return self.compute(self.model, batch)
+
+
 class _LineCounter:
     """Stands in for rank 0's MetricsFile on the other ranks: writes nothing, counts the lines."""
 
@@ -203,6 +217,8 @@ class Trainer:
                  reporter: Reporter | None = None):
         self.recipe = recipe
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        # Kept on every rank (only rank 0 writes there): `nonfinite: rollback` reads it on all of them.
+        self._checkpoint_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
         self.quiet = quiet
         seed_everything(recipe.seed)
         self.device = resolve_device(recipe.device)
@@ -217,10 +233,9 @@ class Trainer:
                 if recipe.batch_size(i) % self.dist.world:
                     raise ConfigError(f"phases.{i}.batch_size", f"the global batch size {recipe.batch_size(i)} "
                                       f"does not divide over {self.dist.world} processes")
-            if recipe.nonfinite.policy == "rollback":
-                raise ConfigError("nonfinite.policy", "rollback is not supported with several processes")
-            if recipe.ensemble is not None:     # its loss does not go through the DDP wrapper's forward
-                raise ConfigError("ensemble", "joint ensembles are not supported with several processes")
+            if recipe.sync_batchnorm and recipe.ensemble is not None:
+                raise ConfigError("sync_batchnorm", "synchronized BatchNorm does not run inside a joint "
+                                  "ensemble's vmap; leave it out or train the members one by one")
         self._ddp: nn.Module | None = None      # the DistributedDataParallel wrapper of the current phase
         data = load_data(recipe.data.model_dump(), recipe.seed)
         task = TASKS.build(recipe.task, "task")
@@ -234,6 +249,8 @@ class Trainer:
             model = self._stacked_ensemble(build, task, data).to(self.device)
         else:
             model = build().to(self.device)
+            if recipe.sync_batchnorm and self.dist.enabled:     # before any optimizer holds its parameters
+                model = convert_sync_batchnorm(model)
         self.methods: list[Method] = [METHODS.build(m, f"methods.{i}") for i, m in enumerate(recipe.methods)]
         # Only hooks a method overrides are called: unused hooks cost nothing in the step.
         self.hooks = {h: [m for m in self.methods if getattr(type(m), h) is not getattr(Method, h)] for h in HOOKS}
@@ -370,9 +387,11 @@ class Trainer:
             # Rebuilt per phase: DDP registers the parameters that need a gradient when it is built,
             # and freezing changes them. `s.model` stays the plain module, so checkpoints, evaluation
             # and the methods see its own parameter names; only the training forward goes through DDP.
+            # DDP wraps the whole loss computation (_BatchLoss), so everything that uses the parameters
+            # in a step (a joint ensemble's members included) runs inside its forward.
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-            self._ddp = DistributedDataParallel(s.model, device_ids=ids)
+            self._ddp = DistributedDataParallel(_BatchLoss(s.model, self._batch_loss), device_ids=ids)
         opt_phase = self.recipe.active_optimizer_phase(i)
         if opt_phase != self._optimizer_phase:
             # A phase that names an optimizer starts it fresh (or carries the same optimizer's state);
@@ -496,7 +515,7 @@ class Trainer:
         try:
             for m in self.hooks["on_fit_start"]:
                 m.on_fit_start(s)
-            if self.recipe.nonfinite.policy == "rollback" and self.run_dir is None:
+            if self.recipe.nonfinite.policy == "rollback" and self._checkpoint_dir is None:
                 raise DojoError("nonfinite.policy: rollback restores the last checkpoint, so it needs a run "
                                 "directory")
             resuming = self._resume_from is not None
@@ -544,7 +563,9 @@ class Trainer:
         position), lower the LR factor, and cut metrics.jsonl back to that checkpoint, plus one line
         recording the rollback. More than `max_consecutive` rollbacks to one checkpoint raise."""
         spec, s = self.recipe.nonfinite, self.state
-        path, _ = latest_valid_checkpoint(self.run_dir / "checkpoints")
+        # Every rank reads rank 0's checkpoint (with several machines the run directory must be shared,
+        # as for resuming); they agreed on the rollback, and rank 0's last save ended before it.
+        path, _ = latest_valid_checkpoint(self._checkpoint_dir)
         if path is None:
             raise NonFiniteError(f"non-finite values at step {bad.step} in: {bad.what}; no valid checkpoint "
                                  f"to roll back to")
@@ -659,18 +680,22 @@ class Trainer:
         """Loss of a (micro-)batch after the methods' `on_loss` hooks; back-propagates `share` of it."""
         s = self.state
         with self._precision():
-            if self.ensemble is not None:      # each member's own loss, plus the diversity penalties
-                from .ensembles import ensemble_training_loss
-                loss, parts = ensemble_training_loss(s.model, batch, self._loss_terms, self.ensemble.ncl,
-                                                     self.ensemble.weight_distance, s.data.info.task_type)
-            else:
-                # Through the DDP wrapper with several processes: its forward arms the gradient sync.
-                model = self._ddp if self._ddp is not None else s.model
-                loss, parts = s.task.training_loss(model, batch, self._loss_terms)
+            # Through the DDP wrapper with several processes: its forward arms the gradient sync.
+            loss, parts = self._ddp(batch) if self._ddp is not None else self._batch_loss(s.model, batch)
         for m in self.hooks["on_loss"]:
             loss = m.on_loss(s, loss, parts)
         (loss * share if share != 1.0 else loss).backward()
         return loss, parts
+
+    def _batch_loss(self, model: nn.Module, batch: dict):
+        """(loss, loss terms) of a batch: the task's training loss, or for a joint ensemble each member's
+        own loss plus the diversity penalties."""
+        s = self.state
+        if self.ensemble is not None:
+            from .ensembles import ensemble_training_loss
+            return ensemble_training_loss(model, batch, self._loss_terms, self.ensemble.ncl,
+                                          self.ensemble.weight_distance, s.data.info.task_type)
+        return s.task.training_loss(model, batch, self._loss_terms)
 
     def _precision(self):
         """bf16 autocast for `precision: bf16`; a no-op context otherwise (nothing entered per step)."""
@@ -722,7 +747,12 @@ class Trainer:
             s.step_logs["train/grad_norm"] = grad_norm.detach()
         if policy == "skip":
             s.step_logs["train/nonfinite_skips"] = self._nonfinite_skips
-        if bool(torch.isfinite(grad_norm + loss.detach().float())):
+        finite = bool(torch.isfinite(grad_norm + loss.detach().float()))
+        if self.dist.enabled and policy != "raise":
+            # The averaged gradients agree across ranks, but each rank's loss is its own: all ranks skip
+            # (or roll back) together. `raise` needs no agreement: the failing rank ends the job.
+            finite = not self.dist.any(not finite, self.device)
+        if finite:
             self._nonfinite_in_a_row = 0
             return True
         return self._non_finite(loss, grads, norms)
@@ -731,6 +761,8 @@ class Trainer:
         s, spec = self.state, self.recipe.nonfinite
         bad = ["loss"] if not bool(torch.isfinite(loss.detach()).all()) else []
         bad += [n for (n, _), norm in zip(grads, norms) if not bool(torch.isfinite(norm))]
+        if self.dist.enabled and spec.policy != "raise":      # every rank is here (they agreed): name all
+            bad = list(dict.fromkeys(name for names in self.dist.gather_objects(bad) for name in names))
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         where = f"step {s.step + 1} (phase '{s.phase_name}')"
         if spec.policy == "raise":
@@ -930,9 +962,12 @@ class Trainer:
             return self._metrics_file(self._resume_from[1]["metrics_lines"], self._resume_from[1]["step"] + 1)
         return self._metrics_file(None, None)
 
-    def _metrics_file(self, keep_lines: int | None, purge_step: int | None) -> MetricsFile:
+    def _metrics_file(self, keep_lines: int | None, purge_step: int | None) -> MetricsFile | _LineCounter:
         """metrics.jsonl (cut back to `keep_lines` on resume), with TensorBoard unless `log.tensorboard`
-        is off; TensorBoard hides its events from `purge_step` on, as they will be logged again."""
+        is off; TensorBoard hides its events from `purge_step` on, as they will be logged again. On ranks
+        other than 0, a line counter instead."""
+        if self.run_dir is None:
+            return _LineCounter(keep_lines or 0)
         sink = TensorBoardSink(self.run_dir / "tb", purge_step) if self.recipe.log.tensorboard else None
         return MetricsFile(self.run_dir / "metrics.jsonl", keep_lines=keep_lines, tensorboard=sink)
 
