@@ -163,6 +163,8 @@ def test_two_process_run_resumes_exactly(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _, state = load_checkpoint(list_checkpoints(full / "checkpoints")[4])
     assert len(state["ranks"]) == 2       # each rank's own RNG and loss meter
+    # ...and its own dropout masks: the ranks' random streams differ.
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "final")
     (resumed / "summary.json").unlink()

@@ -289,6 +289,11 @@ class Trainer:
         self._lr_factor = 1.0             # lowered by each `nonfinite: rollback`
         self._rollbacks: list[int] = []   # checkpoint steps rolled back to, in order
         self._log_grad_norm = not any(isinstance(m, GradClip) for m in self.methods)   # it logs its own
+        if self.dist.rank > 0:
+            # Every rank built the same model from the recipe's seed; from here on each draws its own
+            # dropout masks (and other training noise) for its own rows. Rank 0 keeps the seed's stream,
+            # as in one process. Checkpoints hold each rank's state, so resume stays exact.
+            seed_everything(int(np.random.SeedSequence([recipe.seed, self.dist.rank]).generate_state(1)[0]))
 
     # -- building pieces -------------------------------------------------------------------------
 
