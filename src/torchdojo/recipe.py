@@ -46,6 +46,11 @@ class DataSpec(BaseModel):
     # Worker processes that assemble training batches. The data is in memory, so this only pays off
     # for CPU-heavy batch transforms; results do not depend on it (see data/loader.py).
     num_workers: int = Field(0, ge=0, le=64)
+    # Classification only: keep these classes (relabelled 0.. in this order), e.g. a pretraining set and a
+    # target task with disjoint classes.
+    classes: Optional[list[int]] = Field(None, min_length=2)
+    # Keep only this many training rows (stratified, drawn with the split seed): a small labelled set.
+    train_size: Optional[int] = Field(None, ge=1)
 
 
 class GroupRuleSpec(_Strict):
@@ -161,6 +166,24 @@ class NonFiniteSpec(_Strict):
         return v
 
 
+class InitSpec(_Strict):
+    """`init`: start the model from pretrained weights (torchdojo.pretrained): a finished run's final
+    model (`run`) or a safetensors file (`weights`). Tensors whose names match `include` and not
+    `exclude` (globs) and whose shapes agree are copied; the output layer only with `output_layer: true`.
+    Applied when training starts, not on resume (the checkpoint holds the weights by then)."""
+    run: Optional[str] = None
+    weights: Optional[str] = None
+    include: list[str] = Field(["*"], min_length=1)
+    exclude: list[str] = []
+    output_layer: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self):
+        if (self.run is None) == (self.weights is None):
+            raise ValueError("give exactly one of `run` (a run directory) and `weights` (a .safetensors file)")
+        return self
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
@@ -174,6 +197,7 @@ class Recipe(_Strict):
     sync_batchnorm: bool = False
     data: DataSpec
     model: dict[str, Any]
+    init: Optional[InitSpec] = None
     task: dict[str, Any] = {"name": "classify"}
     phases: list[PhaseSpec] = Field(min_length=1)
     methods: list[dict[str, Any]] = []

@@ -34,6 +34,7 @@ from .methods import HOOKS, GradClip, Method
 from .optim.param_groups import apply_lr_mult, param_groups
 from .recipe import BALANCED_OPTIONS, LossWeightSchedule, Recipe, load_recipe
 from .registry import AUGMENTS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
+from .pretrained import load_pretrained
 from .schedules import Clock, Schedule
 from .sync_batchnorm import convert_sync_batchnorm
 from .tasks import LossTerm
@@ -518,6 +519,8 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         self.reporter.start(s.step)
         try:
+            if self.recipe.init is not None and self._resume_from is None:
+                self._load_pretrained()     # before the methods copy the model (EMA, SWA)
             for m in self.hooks["on_fit_start"]:
                 m.on_fit_start(s)
             if self.recipe.nonfinite.policy == "rollback" and self._checkpoint_dir is None:
@@ -562,6 +565,19 @@ class Trainer:
                 m.on_phase_end(s)
             s.epochs_done += s.epoch_in_phase + s.batch_in_epoch / s.steps_per_epoch
             s.phase_index, s.step_in_phase, s.epoch_in_phase, s.batch_in_epoch = s.phase_index + 1, 0, 0, 0
+
+    def _load_pretrained(self) -> None:
+        """`init`: copy the pretrained tensors into the model; say what was loaded (and write init.json)."""
+        spec = self.recipe.init
+        which = "init.run" if spec.run is not None else "init.weights"
+        try:
+            report = load_pretrained(self.state.model, spec.run or spec.weights, spec.include, spec.exclude,
+                                     spec.output_layer)
+        except DojoError as exc:
+            raise ConfigError(which, str(exc)) from None
+        if self.run_dir is not None:
+            atomic_write_text(self.run_dir / "init.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        self.reporter.message(report.summary())
 
     def _roll_back(self, bad: _RollBack) -> None:
         """`nonfinite: rollback`: load the newest valid checkpoint (weights, optimizer, methods, RNG, data

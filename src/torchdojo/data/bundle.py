@@ -10,7 +10,8 @@ from ..errors import ConfigError, DojoError
 from .raw import RawDataset
 
 # `data:` keys that make_bundle and the trainer handle, not the dataset factory.
-SPLIT_KEYS = ("val_fraction", "test_fraction", "split_seed", "standardize", "imbalance", "sampler", "num_workers")
+SPLIT_KEYS = ("val_fraction", "test_fraction", "split_seed", "standardize", "imbalance", "sampler", "num_workers",
+              "classes", "train_size")
 
 
 @dataclass
@@ -166,15 +167,53 @@ def _imbalance_train(y_train: np.ndarray, num_classes: int, ratio: float, minori
     return np.sort(np.concatenate(keep))
 
 
+def select_classes(raw: RawDataset, classes: list[int]) -> RawDataset:
+    """Only the rows of `classes`, relabelled 0.. in the order given (test rows too)."""
+    if raw.task_type != "classification":
+        raise ConfigError("data.classes", f"needs classification data; this dataset is {raw.task_type} data")
+    num_classes = len(raw.class_names) or int(np.max(raw.y)) + 1
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError("data.classes", f"class ids {bad} are out of range: the data has {num_classes} classes "
+                                          f"(ids 0 to {num_classes - 1})")
+    if len(set(classes)) != len(classes):
+        raise ConfigError("data.classes", f"a class id is listed twice (got {list(classes)})")
+    relabel = np.full(num_classes, -1, dtype=np.int64)
+    relabel[classes] = np.arange(len(classes))
+
+    def keep(x, y):
+        rows = relabel[y] >= 0
+        return x[rows], relabel[y[rows]]
+    x, y = keep(raw.x, raw.y)
+    x_test, y_test = keep(raw.x_test, raw.y_test) if raw.x_test is not None else (None, None)
+    names = [raw.class_names[c] for c in classes] if raw.class_names else [str(c) for c in classes]
+    return RawDataset(x, y, raw.task_type, raw.kind, class_names=names, feature_names=list(raw.feature_names),
+                      x_test=x_test, y_test=y_test)
+
+
+def _subsample_train(y_train: np.ndarray, size: int, seed: int, classify: bool) -> np.ndarray:
+    """Sorted indices of `size` training rows, stratified by class where every class can keep a row."""
+    if size > len(y_train):
+        raise ConfigError("data.train_size", f"{size} is more than the {len(y_train)} training rows")
+    if size == len(y_train):
+        return np.arange(size)
+    from sklearn.model_selection import train_test_split
+    strat = y_train if classify and size >= len(np.unique(y_train)) and np.min(np.bincount(y_train)) >= 2 else None
+    keep, _ = train_test_split(np.arange(len(y_train)), train_size=size, random_state=seed, shuffle=True,
+                               stratify=strat)
+    return np.sort(keep)
+
+
 def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int,
                 standardize: bool | None = None, imbalance: dict | None = None,
-                source: str = "data") -> DataBundle:
+                source: str = "data", train_size: int | None = None) -> DataBundle:
     """Stratified (for classes) train/val/test split, standardisation fitted on train only.
 
     Both fractions are shares of the whole dataset; with a dataset's own test set, `val_fraction` is a
     share of its training rows. `imbalance` ({ratio, minority}) then subsamples the minority classes of
-    the training split only (val and test keep every row, so their metrics stay comparable). `source`
-    (the data file, or "data") starts error messages."""
+    the training split only (val and test keep every row, so their metrics stay comparable), and
+    `train_size` keeps that many training rows (stratified). `source` (the data file, or "data") starts
+    error messages."""
     classify = raw.task_type == "classification"
     if len(raw.x) == 0:
         raise DojoError(f"{source}: the dataset is empty")
@@ -200,6 +239,9 @@ def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed
                                                 f"{raw.task_type} data")
         kept = _imbalance_train(y_train, num_classes, float(imbalance.get("ratio", 1.0)),
                                 imbalance.get("minority"), seed)
+        x_train, y_train = x_train[kept], y_train[kept]
+    if train_size is not None:
+        kept = _subsample_train(y_train, train_size, seed + 2, classify)
         x_train, y_train = x_train[kept], y_train[kept]
 
     info = DataInfo(task_type=raw.task_type, kind=raw.kind, input_shape=list(x.shape[1:]),
@@ -233,7 +275,10 @@ def load_data(spec: dict, seed: int) -> DataBundle:
     if spec.get("sampler", "uniform") == "balanced" and raw.task_type != "classification":
         raise ConfigError("data.sampler", f"`balanced` draws rows by class, so it needs classification data; "
                                           f"this dataset is {raw.task_type} data")
+    if spec.get("classes") is not None:
+        raw = select_classes(raw, list(spec["classes"]))
     split_seed = spec.get("split_seed")
     return make_bundle(raw, spec.get("val_fraction", 0.1), spec.get("test_fraction", 0.2),
                        seed if split_seed is None else split_seed, spec.get("standardize"), spec.get("imbalance"),
-                       source=f"data ({spec['path']})" if spec.get("path") else "data")
+                       source=f"data ({spec['path']})" if spec.get("path") else "data",
+                       train_size=spec.get("train_size"))
