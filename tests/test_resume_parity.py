@@ -199,6 +199,16 @@ def _early_stopping(r):
     r["eval"] = {"every_epochs": 1}
 
 
+def _autoencoder(task: dict):
+    """The tiny recipe's table reconstructed by an autoencoder (with dropout and the task's own noise,
+    both drawn from the checkpointed generators), labels unused."""
+    def change(r):
+        r["model"] = {"name": "autoencoder", "encoder": {"name": "mlp", "hidden": [16], "dropout": 0.2}, "latent": 4,
+                      "decoder": [16], "variational": task["name"] == "vae"}
+        r["task"] = task
+    return change
+
+
 # name -> how the tiny recipe changes to use it. Add an entry for every new task and method.
 RESUME_CASES = {
     "task:classify": lambda r, tmp: None,
@@ -211,6 +221,9 @@ RESUME_CASES = {
     "method:snapshot_ensemble": lambda r, tmp: _snapshot(r),
     "method:diagnostics": lambda r, tmp: _with_methods({"name": "diagnostics", "every_steps": 3})(r),
     "ensemble:joint": lambda r, tmp: r.update(ensemble={"members": 3, "ncl": 0.3, "weight_distance": 0.01}),
+    "task:autoencode": lambda r, tmp: _autoencoder({"name": "autoencode", "noise": [{"name": "swap_noise", "p": 0.2},
+                                                                            {"name": "noise", "std": 0.3}]})(r),
+    "task:vae": lambda r, tmp: _autoencoder({"name": "vae", "beta": 0.5})(r),
 }
 
 

@@ -85,13 +85,14 @@ def _output_names(model: nn.Module) -> set[str]:
 
 
 def load_pretrained(model: nn.Module, source: str | Path, include: Sequence[str] = ("*",),
-                    exclude: Sequence[str] = (), output_layer: bool = False) -> InitReport:
+                    exclude: Sequence[str] = (), output_layer: bool = False, prefix: str = "") -> InitReport:
     """Copy matching pretrained tensors into `model` in place (its parameters keep their identity, so
     an optimizer built before still holds them).
 
     `include`/`exclude` are glob patterns over the model's tensor names (`features.*`); the output layer
-    is left out unless `output_layer` is true. A joint ensemble (`StackedEnsemble`, names `members.X`)
-    takes the source's `X` in every member. Raises DojoError when nothing matches."""
+    is left out unless `output_layer` is true. The model's tensor X takes the source's `prefix` + X
+    (`prefix="encoder."`: the encoder of an `autoencoder` run). A joint ensemble (`StackedEnsemble`,
+    names `members.X`) takes the source's X in every member. Raises DojoError when nothing matches."""
     weights = read_weights(source)
     report = InitReport(str(source))
     outputs = set() if output_layer else _output_names(model)
@@ -104,17 +105,17 @@ def load_pretrained(model: nn.Module, source: str | Path, include: Sequence[str]
                     or name in outputs):
                 report.left_out.append(name)
                 continue
-            if key not in weights:
+            if prefix + key not in weights:
                 report.not_in_source.append(name)
                 continue
-            value = weights[key]
+            value = weights[prefix + key]
             shape = target.shape[1:] if stacked and key != name else target.shape
             if tuple(value.shape) != tuple(shape):
                 report.shape_mismatch.append(f"{name}: model {tuple(shape)} vs source {tuple(value.shape)}")
                 continue
             target.copy_(value.to(dtype=target.dtype, device=target.device))   # broadcasts over members
             report.loaded.append(name)
-            taken.add(key)
+            taken.add(prefix + key)
     report.unused = [k for k in weights if k not in taken]
     if not report.loaded:
         sample = ", ".join(list(weights)[:3])

@@ -176,6 +176,8 @@ class InitSpec(_Strict):
     include: list[str] = Field(["*"], min_length=1)
     exclude: list[str] = []
     output_layer: bool = False
+    # Read the source's tensors under this prefix: "encoder." takes an autoencoder's encoder.
+    prefix: str = ""
 
     @pydantic.model_validator(mode="after")
     def _one_source(self):

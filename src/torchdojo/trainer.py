@@ -240,7 +240,7 @@ class Trainer:
         self._ddp: nn.Module | None = None      # the DistributedDataParallel wrapper of the current phase
         data = load_data(recipe.data.model_dump(), recipe.seed)
         task = TASKS.build(recipe.task, "task")
-        if task.task_type != data.info.task_type:
+        if task.task_type not in ("any", data.info.task_type):     # "any": unsupervised, labels unused
             raise ConfigError("task.name", f"task '{recipe.task['name']}' is for {task.task_type}, but the "
                                            f"data '{recipe.data.name}' is a {data.info.task_type} dataset")
         build = lambda: MODELS.build(recipe.model, "model", input_shape=tuple(data.info.input_shape),  # noqa: E731
@@ -259,6 +259,8 @@ class Trainer:
         if recipe.data.num_workers:      # worker processes read the training rows from CPU memory
             on_device = DataBundle(data.train, on_device.val, on_device.test, data.info)
         self.state = TrainState(recipe, model, on_device, task, self.device, run_dir=self.run_dir)
+        if getattr(task, "noise", None):        # a denoising autoencoder's corruption, checked like `augment`
+            task.corrupt = self.build_augment(task.noise, "task.noise")
         self.state.emit = self._emit
         self._row_weights: torch.Tensor | None = None    # the balanced sampler's, computed on first use
         # Parameter names frozen in each phase, known up front so groups never appear mid-run.
@@ -572,7 +574,7 @@ class Trainer:
         which = "init.run" if spec.run is not None else "init.weights"
         try:
             report = load_pretrained(self.state.model, spec.run or spec.weights, spec.include, spec.exclude,
-                                     spec.output_layer)
+                                     spec.output_layer, spec.prefix)
         except DojoError as exc:
             raise ConfigError(which, str(exc)) from None
         if self.run_dir is not None:
@@ -875,6 +877,9 @@ class Trainer:
         spec = self.recipe.eval.tta
         if spec is None and not views:
             return None
+        if self.state.task.task_type == "any":
+            raise ConfigError("eval.tta", f"test-time augmentation averages predictions; task "
+                                          f"'{self.recipe.task['name']}' reconstructs its input")
         from .recipe import TTASpec
         from .tta import TestTimeAugmentation
         spec = spec or TTASpec()

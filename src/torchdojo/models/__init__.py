@@ -1,4 +1,5 @@
 """Small registered models. Input shape and number of outputs come from the data, never the recipe."""
+from .autoencoder import AutoEncoder
 from .cnn import CNN
 from .cnn1d import CNN1d
 from .concat import Concat
@@ -7,6 +8,6 @@ from .mlp import MLP
 
 MODELS = {"mlp": MLP, "cnn": CNN, "cnn1d": CNN1d, "gru": GRU}
 # Models built from other models (encoders given in the recipe); registered like the ones above.
-COMPOSITE_MODELS = {"concat": Concat}
+COMPOSITE_MODELS = {"concat": Concat, "autoencoder": AutoEncoder}
 
-__all__ = ["MLP", "CNN", "CNN1d", "GRU", "Concat", "MODELS", "COMPOSITE_MODELS"]
+__all__ = ["MLP", "CNN", "CNN1d", "GRU", "Concat", "AutoEncoder", "MODELS", "COMPOSITE_MODELS"]
