@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .base import weighted_loss
 
 _EVAL_NOISE_SEED = 1234
@@ -44,8 +45,8 @@ class Autoencode:
     task_type = "any"
     default_losses = [{"name": "mse"}]
 
-    def __init__(self, noise: list[dict] = ()):
-        self.noise = list(noise)
+    def __init__(self, noise: list[dict] | None = None):
+        self.noise = list(noise or [])
         self.corrupt = None      # the Compose of `noise`, built and checked against the data by the trainer
 
     def _noisy(self, batch: dict) -> dict:
@@ -97,7 +98,7 @@ class VAE:
 
     def training_loss(self, model, batch, terms):
         if not getattr(model, "variational", False):
-            raise ValueError("the vae task needs `model: {name: autoencoder, variational: true}`")
+            raise ConfigError("model.variational", "the vae task needs `model: {name: autoencoder, variational: true}`")
         out, mu, logvar = model.sample_forward(batch["x"])
         recon = half_squared_error(out, batch["x"]).mean()
         kl = kl_to_standard_normal(mu, logvar).mean()
