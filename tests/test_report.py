@@ -290,3 +290,109 @@ def test_report_renders_in_headless_chromium(cls_run, calibrated_report, reg_run
                 page.close()
         finally:
             browser.close()
+
+
+# --------------------------------------------------------------------------------------------- unsupervised runs
+
+AE_RECIPE = {"name": "ae", "seed": 0, "data": {"name": "mnist1d", "num_samples": 1000},
+             "model": {"name": "autoencoder", "encoder": {"name": "mlp", "hidden": [32]}, "latent": 4, "decoder": [32]},
+             "task": {"name": "autoencode", "noise": [{"name": "noise", "std": 0.3}]},
+             "phases": [{"epochs": 2, "batch_size": 64, "optimizer": {"name": "adamw", "lr": 3e-3}}]}
+
+
+def _unsupervised_recipe(which: str) -> dict:
+    r = json.loads(json.dumps(AE_RECIPE))
+    r["name"] = which
+    if which == "vae":                                   # sequences (MNIST-1D), variational
+        r["model"]["variational"] = True
+        r["task"] = {"name": "vae"}
+    elif which == "ae_image":                            # 8x8 digits through a CNN encoder
+        r["data"] = {"name": "digits"}
+        r["model"]["encoder"] = {"name": "cnn", "channels": [8], "hidden": 16}
+        r["task"] = {"name": "autoencode"}
+        r["phases"][0]["epochs"] = 1
+    elif which == "ae_table":                            # the tiny recipe's standardised table
+        r["data"] = make_tiny_recipe()["data"]
+        r["phases"][0]["epochs"] = 1
+    return r
+
+
+@pytest.fixture(scope="module")
+def unsupervised_runs(tmp_path_factory):
+    """Autoencoder runs (denoising on sequences, VAE, images, a table), each with its report."""
+    root = tmp_path_factory.mktemp("report-ae")
+    runs = {}
+    for which in ("ae", "vae", "ae_image", "ae_table"):
+        run_dir = root / which
+        Trainer(load_recipe(_unsupervised_recipe(which)), run_dir, quiet=True).fit()
+        runs[which] = run_dir, report(run_dir)
+    return runs
+
+
+UNSUPERVISED_CURVES = {"ae": {"loss", "lr", "metric_denoise_mse"}, "vae": {"loss", "lr", "metric_recon", "metric_kl",
+                                                                         "metric_mse"},
+                       "ae_image": {"loss", "lr"}, "ae_table": {"loss", "lr"}}
+
+
+@pytest.mark.parametrize("which", ["ae", "vae", "ae_image", "ae_table"])
+def test_unsupervised_report_shows_reconstructions(which, unsupervised_runs):
+    """The outputs are reconstructions, not class logits: no confusion matrix (the data has classes), a
+    reconstruction figure instead, captioned with the test split's MSE; every image a real PNG."""
+    run_dir, page = unsupervised_runs[which]
+    ids, sections = img_ids(page), section_ids(page)
+    assert "reconstructions" in ids and "reconstructions" in sections
+    assert "Reconstructions (test split)" in page
+    assert not {"confusion_matrix", "pred_vs_true", "reliability"} & ids
+    assert not {"confusion", "pred-vs-true", "reliability"} & sections and "confusion-counts" not in page
+    assert UNSUPERVISED_CURVES[which] <= ids
+    assert {p.stem for p in (run_dir / "report").glob("*.png")} == ids
+    assert 'id="notes"' not in page
+    # The caption's test-split MSE is the task's own test/mse (the reconstruction of the clean input).
+    caption = re.search(r"over these 6 samples, ([0-9.e+-]+) over the test split \((\d+) samples\)", page)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert float(caption.group(1)) == pytest.approx(summary["metrics"]["test/mse"], rel=1e-3)
+    assert int(caption.group(2)) == Trainer.from_run_dir(run_dir, quiet=True).state.data.info.sizes["test"]
+    assert ("standardised" in page) == (which == "ae_table")
+    image = Image.open(run_dir / "report" / "reconstructions.png")
+    image.load()
+    assert image.format == "PNG" and image.width > 300 and image.height > 200
+    assert np.asarray(image.convert("L")).std() > 1
+    for src in re.findall(r"\bsrc=\"([^\"]*)\"", page):
+        assert src.startswith("data:image/png;base64,")
+        inline = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True)))
+        inline.load()
+        assert inline.format == "PNG" and np.asarray(inline.convert("L")).std() > 1
+
+
+def test_plot_reconstructions_draws_each_kind(tmp_path):
+    from torchdojo.report import plot_reconstructions
+
+    rng = np.random.default_rng(0)
+    cases = {"rgb": ((4, 3, 12, 12), "image"), "grey": ((1, 2, 8, 8), "image"), "seq": ((6, 3, 30), "sequence"),
+             "table": ((5, 7), "tabular"), "one_row": ((1, 30), "tabular")}
+    for name, (shape, kind) in cases.items():
+        x = rng.normal(size=shape)
+        path = plot_reconstructions(x, 0.5 * x, kind, tmp_path / f"{name}.png", name,
+                                    feature_names=[f"f{i}" for i in range(shape[-1])])
+        image = Image.open(path)
+        image.load()
+        assert image.format == "PNG" and image.width > 100 and np.asarray(image.convert("L")).std() > 1, name
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium at /usr/bin/chromium or on PATH for the browser check")
+def test_unsupervised_report_renders_in_headless_chromium(unsupervised_runs):
+    from playwright.sync_api import sync_playwright
+
+    run_dir, _ = unsupervised_runs["ae_image"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto((run_dir / "report.html").resolve().as_uri(), wait_until="load")
+            size = page.evaluate("(i => [i.complete, i.naturalWidth])(document.getElementById('img-reconstructions'))")
+            assert size[0] and size[1] > 0
+            assert errors == []
+        finally:
+            browser.close()

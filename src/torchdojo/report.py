@@ -13,7 +13,9 @@ Each section appears only when the run has its data:
 - diagnostics (`diag/*` keys): a heatmap of log10 gradient norms over parameters and steps, update
   ratios, dead-ReLU and saturation fractions, weight norms, throughput and peak memory;
 - the confusion matrix on the test split (classification; a predicted-vs-true scatter for regression),
-  predicted by the run's final model (or latest checkpoint) rebuilt with `Trainer.from_run_dir`;
+  predicted by the run's final model (or latest checkpoint) rebuilt with `Trainer.from_run_dir`; for an
+  unsupervised task (`autoencode`, `vae`: the model's outputs reconstruct its inputs, whatever the data's
+  labels are) the first test inputs next to their reconstructions instead, drawn by the data's kind;
 - the reliability diagram on the test split before and after temperature scaling, when `dojo calibrate`
   wrote `calibration.json` (drawn by `calibration.reliability_diagram`);
 - the test metric of every named model (e.g. a snapshot ensemble) next to the main model's;
@@ -53,6 +55,7 @@ FINAL_STYLE = {"val": dict(color="tab:orange", marker="D", s=55, edgecolor="blac
 # diag/<family>/<name> keys drawn as one line per name: (family, axis label, log axis)
 DIAG_LINES = (("update_ratio", "update / weight ratio", True), ("dead_relu", "dead ReLU fraction", False),
               ("saturation", "saturated fraction", False), ("weight_norm", "weight norm", True))
+RECON_SAMPLES = 6             # test inputs drawn next to their reconstructions (unsupervised tasks)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -453,6 +456,67 @@ def plot_pred_vs_true(pred, true, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def _show_image(ax, a, lo: float, hi: float) -> None:
+    """One (C, H, W) input on `ax`: RGB for 3 channels (scaled by [lo, hi]), else its first channel in grey."""
+    import numpy as np
+
+    if a.shape[0] == 3:
+        ax.imshow(np.clip((np.moveaxis(a, 0, -1) - lo) / (hi - lo or 1.0), 0, 1), interpolation="nearest")
+    else:
+        ax.imshow(a[0], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_reconstructions(x, recon, kind: str, path: Path, title: str, feature_names: list[str] = ()) -> Path:
+    """Inputs `x` and their reconstructions `recon` (arrays of the same shape, one row per sample), one
+    panel per sample drawn by the data's kind: images (C, H, W) as an input row above a reconstruction row
+    (sharing each sample's grey scale), sequences (C, L) and tables (F,) as input and reconstruction lines
+    overlaid. Each panel's title gives the sample's mean squared error per value."""
+    import numpy as np
+
+    x, recon = np.asarray(x, dtype=float), np.asarray(recon, dtype=float)
+    n = len(x)
+    errors = ((recon - x) ** 2).reshape(n, -1).mean(1)
+    if kind == "image" and x.ndim == 4:
+        fig = _figure(max(4.0, 1.7 * n + 1.0), 4.0)
+        axes = fig.subplots(2, n, squeeze=False)
+        for j in range(n):
+            lo, hi = float(min(x[j].min(), recon[j].min())), float(max(x[j].max(), recon[j].max()))
+            _show_image(axes[0][j], x[j], lo, hi)
+            _show_image(axes[1][j], recon[j], lo, hi)
+            axes[0][j].set_title(f"#{j}  mse {errors[j]:.3g}", fontsize=9)
+        axes[0][0].set_ylabel("input")
+        axes[1][0].set_ylabel("reconstruction")
+    else:                               # sequences (C, L) and tables (F,): values against position
+        cols = min(n, 3)
+        rows = math.ceil(n / cols)
+        fig = _figure(9.0, 2.3 * rows + 0.8)
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        table = kind == "tabular" and x.ndim == 2
+        for j in range(n):
+            ax = axes[j]
+            xs = x[j].reshape(1, -1) if table or x.ndim != 3 else x[j]          # (channels, positions)
+            rs = recon[j].reshape(xs.shape)
+            pos = np.arange(xs.shape[1])
+            for c in range(len(xs)):
+                style = dict(marker="o", markersize=3) if table else {}
+                ax.plot(pos, xs[c], color=f"C{c % 10}", linewidth=1.4, label="input" if c == 0 else None, **style)
+                ax.plot(pos, rs[c], color=f"C{c % 10}", linewidth=1.2, linestyle="--", alpha=0.85,
+                        label="reconstruction" if c == 0 else None, **style)
+            if table and 0 < len(feature_names) == xs.shape[1] <= 20:
+                ax.set_xticks(pos, feature_names, rotation=90, fontsize=7)
+            ax.set_title(f"#{j}  mse {errors[j]:.3g}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.tick_params(labelsize=8)
+        for ax in axes[n:]:
+            ax.set_visible(False)
+        axes[0].legend(fontsize=8, loc="best")
+        fig.supxlabel("feature" if table else "position", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
 def named_model_metrics(metrics: dict[str, float]) -> tuple[str, str, dict[str, float]] | None:
     """(split, metric, {model label: value}) for a bar chart of the named models (`<split>/<name>/<metric>`
     keys whose metric the main model also has) next to the main model; None without named models."""
@@ -549,7 +613,8 @@ def load_model(run: Run):
 
 def model_sections(run: Run, out: Path, say: Callable[[str], None]) -> list[Section]:
     """From the run's model on the test split: the confusion matrix and, after `dojo calibrate`, the
-    reliability diagram (classification), or predicted vs true values (regression)."""
+    reliability diagram (classification), predicted vs true values (regression), or, when the run's task
+    is unsupervised (an autoencoder's: `task_type` "any"), inputs next to their reconstructions."""
     say("loading the model")
     loaded = load_model(run)
     if loaded is None:
@@ -558,6 +623,8 @@ def model_sections(run: Run, out: Path, say: Callable[[str], None]) -> list[Sect
     info = trainer.state.data.info
     say("predicting the test split")
     outputs, y = _test_predictions(trainer, model)
+    if getattr(trainer.state.task, "task_type", None) == "any":      # unsupervised: outputs reconstruct x
+        return reconstruction_section(run, trainer.state.data.split("test").x, outputs, info, source, out, say)
     if info.task_type != "classification":
         pred = info.target_to_original(outputs.double().reshape(y.shape))
         path = plot_pred_vs_true(pred.numpy(), info.target_to_original(y.double()).numpy(), out / "pred_vs_true.png",
@@ -574,6 +641,34 @@ def model_sections(run: Run, out: Path, say: Callable[[str], None]) -> list[Sect
         "confusion_matrix", path, "confusion matrix on the test split",
         f"Rows: true class; columns: class predicted by {source}.")], _confusion_table(counts.tolist(), names))]
     return sections + reliability_section(run, outputs, y, out, say)
+
+
+def reconstruction_section(run: Run, x, outputs, info, source: str, out: Path,
+                           say: Callable[[str], None]) -> list[Section]:
+    """The first RECON_SAMPLES test inputs and their reconstructions (the model's outputs, e.g. an
+    autoencoder's; a VAE's `forward` decodes the mean code), with the mean squared error per value."""
+    x = x.float().cpu()
+    if tuple(outputs.shape) != tuple(x.shape):
+        run.notes.append(f"no reconstructions: the model's outputs have shape {tuple(outputs.shape[1:])}, "
+                         f"its inputs {tuple(x.shape[1:])}")
+        return []
+    say("drawing reconstructions")
+    n = min(RECON_SAMPLES, len(x))
+    mse_all = _mse(outputs, x)
+    mse_shown = _mse(outputs[:n], x[:n])
+    path = plot_reconstructions(x[:n].numpy(), outputs[:n].numpy(), info.kind, out / "reconstructions.png",
+                                f"inputs and reconstructions, first {n} test samples: {run.name}",
+                                feature_names=[str(f) for f in info.feature_names])
+    scale = " (standardised, as the model sees them)" if info.x_mean is not None else ""
+    return [Section("reconstructions", "Reconstructions (test split)", [Plot(
+        "reconstructions", path, "test inputs and their reconstructions",
+        f"The first {n} test inputs{scale} and their reconstructions by {source}. Mean squared error per "
+        f"value: {mse_shown:.4g} over these {n} samples, {mse_all:.4g} over the test split ({len(x)} samples).")])]
+
+
+def _mse(a, b) -> float:
+    """Mean squared difference per value of two tensors of the same shape."""
+    return float(((a.double() - b.double()) ** 2).mean())
 
 
 def reliability_section(run: Run, logits, y, out: Path, say: Callable[[str], None]) -> list[Section]:
@@ -790,8 +885,8 @@ def report_command(run_dir, quiet):
     """Write RUN_DIR/report.html: one self-contained page (plots inline) showing what the run did.
 
     Loss and metric curves with phase boundaries, learning rates, diagnostics (gradient-norm heatmap,
-    update ratios, dead ReLUs) when logged, the test confusion matrix, the reliability diagram after
-    `dojo calibrate`, ensemble members, and the recipe. The PNGs also go to RUN_DIR/report/.
+    update ratios, dead ReLUs) when logged, the test confusion matrix (test reconstructions for
+    autoencoders), the reliability diagram after `dojo calibrate`, ensemble members, and the recipe. The PNGs also go to RUN_DIR/report/.
 
     \b
     Example:
