@@ -886,7 +886,8 @@ def report_command(run_dir, quiet):
 
     Loss and metric curves with phase boundaries, learning rates, diagnostics (gradient-norm heatmap,
     update ratios, dead ReLUs) when logged, the test confusion matrix (test reconstructions for
-    autoencoders), the reliability diagram after `dojo calibrate`, ensemble members, and the recipe. The PNGs also go to RUN_DIR/report/.
+    autoencoders), the reliability diagram after `dojo calibrate`, ensemble members, and the recipe.
+    The PNGs also go to RUN_DIR/report/.
 
     \b
     Example:
