@@ -257,10 +257,10 @@ class Trainer:
         self.hooks = {h: [m for m in self.methods if getattr(type(m), h) is not getattr(Method, h)] for h in HOOKS}
         on_device = data.to(self.device)
         if recipe.data.num_workers:      # worker processes read the training rows from CPU memory
-            on_device = DataBundle(data.train, on_device.val, on_device.test, data.info)
+            on_device = DataBundle(data.train, on_device.val, on_device.test, data.info, on_device.unlabeled)
         self.state = TrainState(recipe, model, on_device, task, self.device, run_dir=self.run_dir)
-        if getattr(task, "noise", None):        # a denoising autoencoder's corruption, checked like `augment`
-            task.corrupt = self.build_augment(task.noise, "task.noise")
+        if hasattr(task, "bind"):       # tasks that need the data or augmentations (semisup, autoencode)
+            task.bind(self)
         self.state.emit = self._emit
         self._row_weights: torch.Tensor | None = None    # the balanced sampler's, computed on first use
         # Parameter names frozen in each phase, known up front so groups never appear mid-run.

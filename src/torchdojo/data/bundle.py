@@ -11,7 +11,7 @@ from .raw import RawDataset
 
 # `data:` keys that make_bundle and the trainer handle, not the dataset factory.
 SPLIT_KEYS = ("val_fraction", "test_fraction", "split_seed", "standardize", "imbalance", "sampler", "num_workers",
-              "classes", "train_size")
+              "classes", "train_size", "unlabeled")
 
 
 @dataclass
@@ -112,11 +112,13 @@ class Split:
 
 @dataclass
 class DataBundle:
-    """The splits of one dataset plus its DataInfo. Later issues add more streams (e.g. `unlabeled`)."""
+    """The splits of one dataset plus its DataInfo, and, for semi-supervised learning, the `unlabeled`
+    training rows (inputs only: their labels are -1)."""
     train: Split
     val: Split
     test: Split
     info: DataInfo
+    unlabeled: Split | None = None
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -124,7 +126,8 @@ class DataBundle:
         return getattr(self, name)
 
     def to(self, device) -> "DataBundle":
-        return DataBundle(self.train.to(device), self.val.to(device), self.test.to(device), self.info)
+        return DataBundle(self.train.to(device), self.val.to(device), self.test.to(device), self.info,
+                          self.unlabeled.to(device) if self.unlabeled is not None else None)
 
 
 def _split_indices(y: np.ndarray, fraction: float, seed: int, stratify: bool, what: str, source: str = "data"):
@@ -206,14 +209,15 @@ def _subsample_train(y_train: np.ndarray, size: int, seed: int, classify: bool) 
 
 def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int,
                 standardize: bool | None = None, imbalance: dict | None = None,
-                source: str = "data", train_size: int | None = None) -> DataBundle:
+                source: str = "data", train_size: int | None = None, unlabeled: bool = False) -> DataBundle:
     """Stratified (for classes) train/val/test split, standardisation fitted on train only.
 
     Both fractions are shares of the whole dataset; with a dataset's own test set, `val_fraction` is a
     share of its training rows. `imbalance` ({ratio, minority}) then subsamples the minority classes of
     the training split only (val and test keep every row, so their metrics stay comparable), and
-    `train_size` keeps that many training rows (stratified). `source` (the data file, or "data") starts
-    error messages."""
+    `train_size` keeps that many training rows (stratified); with `unlabeled`, the training rows it
+    leaves out become the `unlabeled` stream, without their labels. `source` (the data file, or "data")
+    starts error messages."""
     classify = raw.task_type == "classification"
     if len(raw.x) == 0:
         raise DojoError(f"{source}: the dataset is empty")
@@ -240,8 +244,16 @@ def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed
         kept = _imbalance_train(y_train, num_classes, float(imbalance.get("ratio", 1.0)),
                                 imbalance.get("minority"), seed)
         x_train, y_train = x_train[kept], y_train[kept]
+    x_unlabeled = None
+    if unlabeled and train_size is None:
+        raise ConfigError("data.unlabeled", "needs data.train_size: the training rows beyond it are the unlabeled ones")
     if train_size is not None:
         kept = _subsample_train(y_train, train_size, seed + 2, classify)
+        if unlabeled:
+            x_unlabeled = np.delete(x_train, kept, axis=0)
+            if len(x_unlabeled) == 0:
+                raise ConfigError("data.unlabeled", f"train_size {train_size} keeps every training row: none is "
+                                                    f"left unlabeled")
         x_train, y_train = x_train[kept], y_train[kept]
 
     info = DataInfo(task_type=raw.task_type, kind=raw.kind, input_shape=list(x.shape[1:]),
@@ -255,6 +267,8 @@ def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed
         info.x_mean, info.x_std = mean.ravel().tolist(), std.ravel().tolist()
         mean, std = mean.astype(np.float32), std.astype(np.float32)
         x_train, x_val, x_test = [(a - mean) / std for a in (x_train, x_val, x_test)]
+        if x_unlabeled is not None:
+            x_unlabeled = (x_unlabeled - mean) / std
     if not classify:
         y_mean, y_std = y_train.mean(axis=0), y_train.std(axis=0)
         y_std = np.where(y_std > 1e-8, y_std, 1.0)
@@ -264,7 +278,11 @@ def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed
     def as_split(a, b):
         return Split(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)),
                      torch.from_numpy(np.ascontiguousarray(b)))
-    return DataBundle(as_split(x_train, y_train), as_split(x_val, y_val), as_split(x_test, y_test), info)
+    stream = None
+    if x_unlabeled is not None:
+        info.sizes["unlabeled"] = len(x_unlabeled)
+        stream = as_split(x_unlabeled, np.full(len(x_unlabeled), -1, dtype=np.int64))
+    return DataBundle(as_split(x_train, y_train), as_split(x_val, y_val), as_split(x_test, y_test), info, stream)
 
 
 def load_data(spec: dict, seed: int) -> DataBundle:
@@ -281,4 +299,4 @@ def load_data(spec: dict, seed: int) -> DataBundle:
     return make_bundle(raw, spec.get("val_fraction", 0.1), spec.get("test_fraction", 0.2),
                        seed if split_seed is None else split_seed, spec.get("standardize"), spec.get("imbalance"),
                        source=f"data ({spec['path']})" if spec.get("path") else "data",
-                       train_size=spec.get("train_size"))
+                       train_size=spec.get("train_size"), unlabeled=spec.get("unlabeled", False))

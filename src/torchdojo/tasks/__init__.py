@@ -5,7 +5,9 @@ from .base import LossTerm
 from .classify import Classify
 from .distill import Distill
 from .regress import Regress
+from .semisup import SemiSupervised
 
-TASKS = {"classify": Classify, "regress": Regress, "distill": Distill, "autoencode": Autoencode, "vae": VAE}
+TASKS = {"classify": Classify, "regress": Regress, "distill": Distill, "autoencode": Autoencode, "vae": VAE,
+         "semisup": SemiSupervised}
 
-__all__ = ["TASKS", "Autoencode", "Classify", "Distill", "Regress", "LossTerm", "VAE"]
+__all__ = ["TASKS", "Autoencode", "Classify", "Distill", "Regress", "LossTerm", "SemiSupervised", "VAE"]

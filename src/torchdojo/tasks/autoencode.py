@@ -47,7 +47,11 @@ class Autoencode:
 
     def __init__(self, noise: list[dict] | None = None):
         self.noise = list(noise or [])
-        self.corrupt = None      # the Compose of `noise`, built and checked against the data by the trainer
+        self.corrupt = None      # the Compose of `noise`, built in `bind`
+
+    def bind(self, trainer) -> None:
+        """Build `noise`, checked against the data's kind like a phase's `augment`."""
+        self.corrupt = trainer.build_augment(self.noise, "task.noise")
 
     def _noisy(self, batch: dict) -> dict:
         if self.corrupt is None:
