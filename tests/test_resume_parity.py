@@ -209,6 +209,13 @@ def _autoencoder(task: dict):
     return change
 
 
+def _semisup(r):
+    """60 labelled rows, the other training rows unlabelled; weak and strong views drawn every step."""
+    r["data"].update(train_size=60, unlabeled=True)
+    r["task"] = {"name": "semisup", "threshold": 0.5, "unlabeled_ratio": 2,
+                 "weak": [{"name": "gaussian", "std": 0.05}], "strong": [{"name": "swap_noise", "p": 0.3}]}
+
+
 # name -> how the tiny recipe changes to use it. Add an entry for every new task and method.
 RESUME_CASES = {
     "task:classify": lambda r, tmp: None,
@@ -224,6 +231,7 @@ RESUME_CASES = {
     "task:autoencode": lambda r, tmp: _autoencoder({"name": "autoencode", "noise": [{"name": "swap_noise", "p": 0.2},
                                                                             {"name": "noise", "std": 0.3}]})(r),
     "task:vae": lambda r, tmp: _autoencoder({"name": "vae", "beta": 0.5})(r),
+    "task:semisup": lambda r, tmp: _semisup(r),
 }
 
 

@@ -201,7 +201,10 @@ def _subsample_train(y_train: np.ndarray, size: int, seed: int, classify: bool) 
     if size == len(y_train):
         return np.arange(size)
     from sklearn.model_selection import train_test_split
-    strat = y_train if classify and size >= len(np.unique(y_train)) and np.min(np.bincount(y_train)) >= 2 else None
+    n_classes = len(np.unique(y_train)) if classify else 0
+    # Stratify only where sklearn can: every class twice, and each part at least one row per class.
+    strat = y_train if classify and min(size, len(y_train) - size) >= n_classes \
+        and np.min(np.bincount(y_train)) >= 2 else None
     keep, _ = train_test_split(np.arange(len(y_train)), train_size=size, random_state=seed, shuffle=True,
                                stratify=strat)
     return np.sort(keep)
