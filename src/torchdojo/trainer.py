@@ -32,9 +32,9 @@ from .errors import ConfigError, DojoError, choices_text
 from .log import MetricsFile, Reporter, TensorBoardSink
 from .methods import HOOKS, GradClip, Method
 from .optim.param_groups import apply_lr_mult, param_groups
+from .pretrained import load_pretrained
 from .recipe import BALANCED_OPTIONS, LossWeightSchedule, Recipe, load_recipe
 from .registry import AUGMENTS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
-from .pretrained import load_pretrained
 from .schedules import Clock, Schedule
 from .sync_batchnorm import convert_sync_batchnorm
 from .tasks import LossTerm
