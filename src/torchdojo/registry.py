@@ -171,7 +171,7 @@ def _register_builtins() -> None:
     for name, cls in {**models.MODELS, **models.COMPOSITE_MODELS}.items():
         MODELS.register(name, cls, config=cls.Config, injected=("input_shape", "num_outputs"))
     for name, fn in data.DATASETS.items():
-        DATASETS.register(name, fn, injected=("seed",))
+        DATASETS.register(name, fn)     # generated sets take their generator's `seed` from the recipe
     for name, cls in tasks.TASKS.items():
         TASKS.register(name, cls)
     for name, cls in methods.METHODS.items():

@@ -20,7 +20,10 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42) -
     """MNIST-1D (Greydanus 2020, arXiv 2011.14439): length-40 signals, 10 classes, shape (1, 40).
 
     Generated locally with the package's own procedure (never its download). The defaults give the
-    published 4,000/1,000 train/test split."""
+    published 4,000/1,000 train/test split. `seed` is the generator's: MNIST-1D draws each class's
+    signals from one seeded stream, so sets of any size made with the same seed share their first
+    signals of every class (each set standardised on its own, so not byte-equal). A pretraining or
+    unlabelled pool meant to be disjoint from the published set needs another seed."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
