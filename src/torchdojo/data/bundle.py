@@ -146,6 +146,16 @@ def _split_indices(y: np.ndarray, fraction: float, seed: int, stratify: bool, wh
     return np.sort(keep), np.sort(out)
 
 
+def _check_class_ids(ids: list[int], num_classes: int, path: str) -> None:
+    """ConfigError at `path` for class ids out of range or listed twice."""
+    bad = [c for c in ids if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(path, f"class ids {bad} are out of range: the data has {num_classes} classes "
+                                f"(ids 0 to {num_classes - 1})")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(path, f"a class id is listed twice (got {list(ids)})")
+
+
 def _imbalance_train(y_train: np.ndarray, num_classes: int, ratio: float, minority: list[int] | None,
                      seed: int) -> np.ndarray:
     """Sorted indices of the training rows kept by `imbalance`: every row of the majority classes and
@@ -153,12 +163,7 @@ def _imbalance_train(y_train: np.ndarray, num_classes: int, ratio: float, minori
     `seed`. `minority` defaults to the second half of the classes (ids >= K // 2)."""
     if minority is None:
         minority = list(range(num_classes // 2, num_classes))
-    bad = [c for c in minority if not 0 <= c < num_classes]
-    if bad:
-        raise ConfigError("data.imbalance.minority", f"class ids {bad} are out of range: the data has "
-                                                     f"{num_classes} classes (ids 0 to {num_classes - 1})")
-    if len(set(minority)) != len(minority):
-        raise ConfigError("data.imbalance.minority", f"a class id is listed twice (got {list(minority)})")
+    _check_class_ids(minority, num_classes, "data.imbalance.minority")
     rng = np.random.default_rng(seed)
     keep = [np.flatnonzero(~np.isin(y_train, minority))]
     for c in sorted(minority):
@@ -175,12 +180,7 @@ def select_classes(raw: RawDataset, classes: list[int]) -> RawDataset:
     if raw.task_type != "classification":
         raise ConfigError("data.classes", f"needs classification data; this dataset is {raw.task_type} data")
     num_classes = len(raw.class_names) or int(np.max(raw.y)) + 1
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise ConfigError("data.classes", f"class ids {bad} are out of range: the data has {num_classes} classes "
-                                          f"(ids 0 to {num_classes - 1})")
-    if len(set(classes)) != len(classes):
-        raise ConfigError("data.classes", f"a class id is listed twice (got {list(classes)})")
+    _check_class_ids(classes, num_classes, "data.classes")
     relabel = np.full(num_classes, -1, dtype=np.int64)
     relabel[classes] = np.arange(len(classes))
 
