@@ -435,3 +435,18 @@ def test_a_non_finite_loss_on_one_process_makes_all_skip_or_roll_back_together(p
     assert_close_metrics(read_metrics(runs[1]), metrics)
     for k, a in final_weights(runs[1]).items():
         torch.testing.assert_close(final_weights(runs[2])[k], a, atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_mixture_of_experts_trains_with_two_processes(tmp_path):
+    """32 experts for 16 rows per process: most experts get no row in a step. Their weights are slices
+    of one stacked parameter per layer, so every parameter still gets a gradient (zero for idle experts)
+    and plain DDP works. (Not equal to one process: capacity and the balance loss are per process's
+    rows, as in the paper.)"""
+    r = ddp_recipe(OPTIMIZERS["adamw"])
+    r["model"] = {"name": "moe_mlp", "width": 8, "blocks": 1, "experts": 32, "expert_hidden": 8,
+                  "capacity_factor": 0.5}
+    r["methods"] = [{"name": "load_balance", "weight": 0.01}]
+    out = dojo("train", str(write_recipe(r, tmp_path / "moe.yaml")), "--run-dir", "moe", "--nproc", "2", "-q",
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert any("train/moe_balance" in e for e in read_metrics(tmp_path / "moe"))

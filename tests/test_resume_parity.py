@@ -216,6 +216,11 @@ def _semisup(r):
                  "weak": [{"name": "gaussian", "std": 0.05}], "strong": [{"name": "swap_noise", "p": 0.3}]}
 
 
+def _moe(r):
+    r["model"] = {"name": "moe_mlp", "width": 16, "blocks": 2, "experts": 3, "expert_hidden": 16, "dropout": 0.2}
+    r["methods"] = [{"name": "load_balance", "weight": 0.05}]
+
+
 # name -> how the tiny recipe changes to use it. Add an entry for every new task and method.
 RESUME_CASES = {
     "task:classify": lambda r, tmp: None,
@@ -232,6 +237,7 @@ RESUME_CASES = {
                                                                             {"name": "noise", "std": 0.3}]})(r),
     "task:vae": lambda r, tmp: _autoencoder({"name": "vae", "beta": 0.5})(r),
     "task:semisup": lambda r, tmp: _semisup(r),
+    "method:load_balance": lambda r, tmp: _moe(r),
 }
 
 

@@ -37,6 +37,8 @@ def _needs_loop(model: nn.Module) -> str | None:
     for name, m in model.named_modules():
         if isinstance(m, nn.RNNBase):
             return f"'{name}' is a {type(m).__name__} (aten::{type(m).__name__.lower()} has no vmap batching rule)"
+        if getattr(m, "data_dependent_routing", False):
+            return f"'{name}' routes rows to experts (a data-dependent shape, which vmap cannot batch)"
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.momentum is None:
             return (f"'{name}' is a BatchNorm with momentum=None (its cumulative average reads "
                     f"num_batches_tracked as a Python number)")
