@@ -50,6 +50,11 @@ def test_rows_beyond_an_experts_capacity_are_dropped_in_arrival_order():
             assert out[i].abs().sum() > 0
         else:
             assert torch.equal(out[i], torch.zeros(6)), i
+    # In eval mode no row is dropped by default; eval_capacity_factor sets a limit there too.
+    m.eval()
+    assert m.capacity(8) == 8 and all(m(x)[i].abs().sum() > 0 for i in range(8))
+    m.eval_capacity_factor = 0.5
+    assert m.capacity(8) == 2 and torch.equal(m(x), out)
 
 
 def test_the_load_balancing_loss_is_experts_times_sum_of_share_times_mean_probability():

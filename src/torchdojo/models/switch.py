@@ -4,9 +4,11 @@ mixture of experts of Shazeer et al. 2017 (arXiv 1701.06538).
 
 `SwitchFFN` holds `experts` feed-forward networks and a router. Each row goes to the one expert its
 router probability ranks first, and that expert's output is scaled by the probability (so the router
-learns through it). An expert takes at most capacity = ceil(capacity_factor · rows / experts) rows per
-call, in arrival order; the rows beyond it get 0, and the residual connection around the layer passes
-them on unchanged, as in the paper. The load-balancing loss of the paper,
+learns through it). In training an expert takes at most capacity = ceil(capacity_factor · rows /
+experts) rows per call, in arrival order; the rows beyond it get 0, and the residual connection around
+the layer passes them on unchanged, as in the paper. In eval mode the capacity is
+`eval_capacity_factor`'s, by default none: every row is processed (the paper also evaluates with a
+larger factor than it trains with). The load-balancing loss of the paper,
     aux = experts · Σ_i f_i · P_i
 (f_i: the share of rows whose first choice is expert i, P_i: the mean router probability of expert i),
 is 1 when routing is uniform and grows as it collapses onto few experts; each call stores it in
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +33,13 @@ class SwitchFFN(nn.Module):
     """Top-1 routed experts over rows of shape (N, dim); see the module docstring."""
     data_dependent_routing = True       # joint ensembles run such members in a loop instead of vmap
 
-    def __init__(self, dim: int, hidden: int, experts: int = 4, capacity_factor: float = 1.25):
+    def __init__(self, dim: int, hidden: int, experts: int = 4, capacity_factor: float = 1.25,
+                 eval_capacity_factor: float | None = None):
         super().__init__()
-        if experts < 1 or capacity_factor <= 0:
-            raise ValueError("experts must be >= 1 and capacity_factor > 0")
+        if experts < 1 or capacity_factor <= 0 or (eval_capacity_factor is not None and eval_capacity_factor <= 0):
+            raise ValueError("experts must be >= 1 and the capacity factors > 0")
         self.experts, self.capacity_factor = experts, capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         self.router = nn.Linear(dim, experts, bias=False)
         bound1, bound2 = 1 / math.sqrt(dim), 1 / math.sqrt(hidden)
         # The experts' weights stacked: (experts, dim, hidden) and (experts, hidden, dim), nn.Linear's init.
@@ -48,7 +53,10 @@ class SwitchFFN(nn.Module):
         self.usage: torch.Tensor | None = None          # share of rows routed to each expert, last call
 
     def capacity(self, rows: int) -> int:
-        return math.ceil(self.capacity_factor * rows / self.experts)
+        """Rows one expert takes per call: capacity_factor's in training, eval_capacity_factor's (or all
+        rows) in eval mode."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return rows if factor is None else math.ceil(factor * rows / self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.router(x).float(), dim=-1)
@@ -78,6 +86,7 @@ class MoEMLPConfig:
     experts: Width = 4
     expert_hidden: Width = 128
     capacity_factor: float = 1.25
+    eval_capacity_factor: Optional[float] = None      # None: no row is dropped in eval mode
     dropout: Dropout = 0.0
 
 
@@ -88,8 +97,8 @@ class MoEMLP(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), config.width), nn.ReLU())
         self.norms = nn.ModuleList(nn.LayerNorm(config.width) for _ in range(config.blocks))
-        self.moe = nn.ModuleList(SwitchFFN(config.width, config.expert_hidden, config.experts, config.capacity_factor)
-                                 for _ in range(config.blocks))
+        self.moe = nn.ModuleList(SwitchFFN(config.width, config.expert_hidden, config.experts, config.capacity_factor,
+                                           config.eval_capacity_factor) for _ in range(config.blocks))
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.width, num_outputs)
         self.feature_dim = config.width
