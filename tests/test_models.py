@@ -20,7 +20,7 @@ def n_params(model: nn.Module) -> int:
 
 
 # A suitable input shape for each model (image, sequence, table).
-SHAPES = {"mlp": (7,), "cnn": (1, 8, 8), "cnn1d": (1, 40), "gru": (2, 12)}
+SHAPES = {"mlp": (7,), "cnn": (1, 8, 8), "cnn1d": (1, 40), "gru": (2, 12), "moe_mlp": (7,)}
 
 
 def test_every_builtin_model_is_registered():
@@ -221,7 +221,8 @@ def separable(name, n=64, seed=0):
 
 
 SMALL = {"mlp": {"hidden": [16]}, "cnn": {"channels": [8, 8], "hidden": 16},
-         "cnn1d": {"channels": [8, 8], "hidden": 16}, "gru": {"hidden": 16}}
+         "cnn1d": {"channels": [8, 8], "hidden": 16}, "gru": {"hidden": 16},
+         "moe_mlp": {"width": 16, "blocks": 1, "experts": 2, "expert_hidden": 16}}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

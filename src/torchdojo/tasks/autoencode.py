@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .base import weighted_loss
+from .base import random_view, weighted_loss
 
 _EVAL_NOISE_SEED = 1234
 
@@ -53,16 +53,8 @@ class Autoencode:
         """Build `noise`, checked against the data's kind like a phase's `augment`."""
         self.corrupt = trainer.build_augment(self.noise, "task.noise")
 
-    def _noisy(self, batch: dict) -> dict:
-        if self.corrupt is None:
-            return batch
-        x = batch["x"]
-        # A fresh generator seeded from torch's global one: checkpointed, so a resumed run corrupts alike.
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        return self.corrupt(batch, torch.Generator(device=x.device).manual_seed(seed))
-
     def training_loss(self, model, batch, terms):
-        return weighted_loss(model(self._noisy(batch)["x"]), batch["x"], terms)
+        return weighted_loss(model(random_view(self.corrupt, batch)["x"]), batch["x"], terms)
 
     def evaluate(self, model, loader, info) -> dict[str, float]:
         x, out = _reconstructions(model, loader)

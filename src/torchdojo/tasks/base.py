@@ -34,6 +34,15 @@ def weighted_loss(out: torch.Tensor, target: torch.Tensor, terms: list[LossTerm]
     return total, parts
 
 
+def random_view(transform, batch: dict) -> dict:
+    """`transform(batch, generator)` (an augmentation Compose) with a fresh generator seeded from torch's
+    global one, which checkpoints hold: a resumed run draws the same views. None: the batch itself."""
+    if transform is None:
+        return batch
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    return transform(batch, torch.Generator(device=batch["x"].device).manual_seed(seed))
+
+
 @torch.no_grad()
 def collect_outputs(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
     outs, ys = [], []

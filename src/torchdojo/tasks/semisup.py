@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import weighted_loss
+from .base import random_view, weighted_loss
 from .classify import Classify
 
 
@@ -50,11 +50,8 @@ class SemiSupervised(Classify):
 
     @staticmethod
     def _view(transform, x: torch.Tensor) -> torch.Tensor:
-        if transform is None:
-            return x
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        return transform({"x": x, "y": torch.zeros(len(x), dtype=torch.long, device=x.device)}, generator)["x"]
+        """A random view of unlabelled rows (their label field is a placeholder)."""
+        return random_view(transform, {"x": x, "y": torch.zeros(len(x), dtype=torch.long, device=x.device)})["x"]
 
     def unlabeled_loss(self, logits_strong: torch.Tensor, logits_weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean masked cross-entropy to the confident pseudo-labels, share of rows above the threshold)."""
