@@ -26,6 +26,21 @@ def r4(x: float) -> float:
     return round(x, 4)
 
 
+def paired_claim(claim: str, a: str, b: str, diffs: list[float]) -> dict:
+    """Print `claim: a - b = +x.xxx (better on k/n seeds) -> VERDICT` for per-seed differences a - b, and
+    return the figures for the JSON line."""
+    v, wins = verdict(diffs), sum(d > 0 for d in diffs)
+    print(f"  {claim}: {a} - {b} = {mean(diffs):+.3f} (better on {wins}/{len(diffs)} seeds) -> {v.upper()}")
+    return {"mean_diff": r4(mean(diffs)), "wins": wins, "verdict": v}
+
+
+def print_json_line(figures: dict, total_seconds: float, default_threads: int) -> int:
+    """The benchmark's last line: its figures plus the run's context (`run_figures`); returns exit code 0."""
+    import json
+    print(json.dumps({**figures, **run_figures(total_seconds, default_threads)}))
+    return 0
+
+
 def run_figures(total_seconds: float, default_threads: int) -> dict:
     """The run's context for the JSON line: time, versions and threads."""
     import torch

@@ -73,7 +73,8 @@ from torchdojo.data.bundle import load_data
 from torchdojo.models.switch import SwitchFFN
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import add_threads_option, apply_threads, mean, r4, run_figures, std, verdict  # noqa: E402
+from _stats import (add_threads_option, apply_threads, mean, paired_claim, print_json_line, r4, std,  # noqa: E402
+                    verdict)
 
 WIDTH, BLOCKS, HIDDEN, CAPACITY, DROPOUT = 64, 2, 128, 1.25, 0.1
 BATCH = 64
@@ -284,11 +285,7 @@ def main(argv=None) -> int:
         if a not in res or b not in res:
             return
         diffs = [res[a][s]["test_accuracy"] - res[b][s]["test_accuracy"] for s in seeds]
-        v = verdict(diffs)
-        wins = sum(d > 0 for d in diffs)
-        print(f"  {claim}: {ARMS[a][0][:3]} - {ARMS[b][0][:3]} = {mean(diffs):+.3f} "
-              f"(better on {wins}/{len(diffs)} seeds) -> {v.upper()}")
-        claims[f"{a}_vs_{b}"] = {"mean_diff": r4(mean(diffs)), "wins": wins, "verdict": v}
+        claims[f"{a}_vs_{b}"] = paired_claim(claim, ARMS[a][0][:3], ARMS[b][0][:3], diffs)
 
     print("Verdicts (test accuracy, paired per seed):")
     line("4 experts (no LB) beat dense", "moe4", "dense")
@@ -313,9 +310,7 @@ def main(argv=None) -> int:
         "claims": claims,
         "best_arm": best,
     }
-    figures.update(run_figures(total_seconds, default_threads))
-    print(json.dumps(figures))
-    return 0
+    return print_json_line(figures, total_seconds, default_threads)
 
 
 if __name__ == "__main__":

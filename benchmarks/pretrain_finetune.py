@@ -65,7 +65,7 @@ from torchdojo.recipe import load_recipe, read_recipe_source
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import add_threads_option, apply_threads, mean, r4, run_figures, std, verdict  # noqa: E402
+from _stats import add_threads_option, apply_threads, mean, print_json_line, r4, std, verdict  # noqa: E402
 
 PRETRAIN, FINETUNE = "mnist1d-pretrain", "mnist1d-finetune"
 EPOCHS = 50
@@ -272,9 +272,7 @@ def main(argv=None) -> int:
         "finetune": figures_sizes,
         "claims": claims,
     }
-    figures.update(run_figures(total_seconds, default_threads))
-    print(json.dumps(figures))
-    return 0
+    return print_json_line(figures, total_seconds, default_threads)
 
 
 if __name__ == "__main__":

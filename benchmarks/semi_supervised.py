@@ -65,7 +65,8 @@ from torchdojo import Trainer, load_recipe
 from torchdojo.data.bundle import load_data
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import add_threads_option, apply_threads, mean, r4, run_figures, std, verdict  # noqa: E402
+from _stats import (add_threads_option, apply_threads, mean, paired_claim, print_json_line, r4, std,  # noqa: E402
+                    verdict)
 
 THRESHOLD = 0.95
 ARMS = {
@@ -268,11 +269,7 @@ def main(argv=None) -> int:
         if a not in res or b not in res:
             return
         diffs = [res[a][s]["test_accuracy"] - res[b][s]["test_accuracy"] for s in seeds]
-        v = verdict(diffs)
-        wins = sum(d > 0 for d in diffs)
-        print(f"  {claim}: {ARMS[a][:3]} - {ARMS[b][:3]} = {mean(diffs):+.3f} "
-              f"(better on {wins}/{len(diffs)} seeds) -> {v.upper()}")
-        claims[f"{a}_vs_{b}"] = {"mean_diff": r4(mean(diffs)), "wins": wins, "verdict": v}
+        claims[f"{a}_vs_{b}"] = paired_claim(claim, ARMS[a][:3], ARMS[b][:3], diffs)
 
     print("Verdicts (paired per seed):")
     line("pseudo-labelling beats supervised", "pseudo_label", "supervised")
@@ -306,9 +303,7 @@ def main(argv=None) -> int:
         "claims": claims,
         "best_arm": best,
     }
-    figures.update(run_figures(total_seconds, default_threads))
-    print(json.dumps(figures))
-    return 0
+    return print_json_line(figures, total_seconds, default_threads)
 
 
 if __name__ == "__main__":
