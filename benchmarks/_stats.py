@@ -26,6 +26,16 @@ def r4(x: float) -> float:
     return round(x, 4)
 
 
+def parse_ints(text: str) -> list[int]:
+    """`--seeds 0,1,2` (commas or spaces)."""
+    return [int(x) for x in text.replace(",", " ").split()]
+
+
+def cell(x: float | None, width: int, fmt: str = ".3f") -> str:
+    """A table cell: the number, or '-' when there is none."""
+    return f"{'-':>{width}}" if x is None else f"{x:{width}{fmt}}"
+
+
 def paired_claim(claim: str, a: str, b: str, diffs: list[float]) -> dict:
     """Print `claim: a - b = +x.xxx (better on k/n seeds) -> VERDICT` for per-seed differences a - b, and
     return the figures for the JSON line."""

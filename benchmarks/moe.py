@@ -73,8 +73,8 @@ from torchdojo.data.bundle import load_data
 from torchdojo.models.switch import SwitchFFN
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import (add_threads_option, apply_threads, mean, paired_claim, print_json_line, r4, std,  # noqa: E402
-                    verdict)
+from _stats import (add_threads_option, apply_threads, cell, mean, paired_claim, parse_ints,  # noqa: E402
+                    print_json_line, r4, std, verdict)
 
 WIDTH, BLOCKS, HIDDEN, CAPACITY, DROPOUT = 64, 2, 128, 1.25, 0.1
 BATCH = 64
@@ -156,14 +156,6 @@ def run(recipe_dict: dict, run_dir: Path, test_x: torch.Tensor) -> dict:
     out["params"] = param_counts(model)
     out.update(test_routing(model, test_x.to(trainer.device)))
     return out
-
-
-def _f(x, width: int, fmt: str = ".3f") -> str:
-    return f"{'-':>{width}}" if x is None else f"{x:{width}{fmt}}"
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(x) for x in text.replace(",", " ").split()]
 
 
 def main(argv=None) -> int:
@@ -272,8 +264,8 @@ def main(argv=None) -> int:
     for arm in arms:
         for s in seeds:
             r = res[arm][s]
-            print(f"{ARMS[arm][0]:<25}  {s:>4}  {_f(r.get('max_share_last'), 9)}  {_f(r.get('max_share_last10'), 6)}  "
-                  f"{_f(r.get('balance_last'), 7)}  {_f(r.get('balance_last10'), 6)}  "
+            print(f"{ARMS[arm][0]:<25}  {s:>4}  {cell(r.get('max_share_last'), 9)}  {cell(r.get('max_share_last10'), 6)}  "
+                  f"{cell(r.get('balance_last'), 7)}  {cell(r.get('balance_last10'), 6)}  "
                   f"{r['test_max_share']:14.3f}  {r['test_dropped']:12.3f}")
     print("-" * len(head3))
     print("  ((a) has one expert: its share is 1 and nothing is dropped by construction; no load_balance logged)")

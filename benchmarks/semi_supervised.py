@@ -65,8 +65,8 @@ from torchdojo import Trainer, load_recipe
 from torchdojo.data.bundle import load_data
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import (add_threads_option, apply_threads, mean, paired_claim, print_json_line, r4, std,  # noqa: E402
-                    verdict)
+from _stats import (add_threads_option, apply_threads, cell, mean, paired_claim, parse_ints,  # noqa: E402
+                    print_json_line, r4, std, verdict)
 
 THRESHOLD = 0.95
 ARMS = {
@@ -150,14 +150,6 @@ def run(recipe_dict: dict, run_dir: Path, unlabeled: tuple[torch.Tensor, torch.T
     out["unl_confident_accuracy"] = (pred[mask] == y[mask]).float().mean().item() if mask.any() else None
     out["unl_accuracy"] = (pred == y).float().mean().item()
     return out
-
-
-def _fmt(x, width: int) -> str:
-    return f"{'-':>{width}}" if x is None else f"{x:{width}.3f}"
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(x) for x in text.replace(",", " ").split()]
 
 
 def main(argv=None) -> int:
@@ -257,7 +249,7 @@ def main(argv=None) -> int:
             ul = f"{r['unlabeled_loss_last']:11.4f}" if arm in SEMISUP else f"{'-':>11}"
             ul10 = f"{r['unlabeled_loss_last10']:13.4f}" if arm in SEMISUP else f"{'-':>13}"
             print(f"{ARMS[arm]:<26}  {s:>4}  {ul}  {ul10}  {r['unl_confident_share']:10.3f}  "
-                  f"{_fmt(r['unl_confident_accuracy'], 8)}  {r['unl_accuracy']:7.3f}")
+                  f"{cell(r['unl_confident_accuracy'], 8)}  {r['unl_accuracy']:7.3f}")
     print("-" * len(head2))
     if "oracle" in arms:
         print("  (the oracle trains on these rows with their labels: its figures there are training figures)")
