@@ -130,3 +130,20 @@ def test_fixmatch_beats_supervised_training_on_few_labels(tmp_path):
     assert accuracy["fixmatch"] > accuracy["supervised"] + 0.02, accuracy
     unlabeled = [e["train/loss/unlabeled"] for e in read_metrics(tmp_path / "fixmatch") if "train/loss/unlabeled" in e]
     assert max(unlabeled) > 0
+
+
+def test_unlabeled_rows_from_an_npz_file(tmp_path):
+    """`data.unlabeled: PATH` takes the file's `x` (standardised like train for tables); a wrong shape is a
+    clear error naming data.unlabeled."""
+    import numpy as np
+    from sklearn.datasets import load_wine
+    x = load_wine().data.astype(np.float32)
+    np.savez(tmp_path / "u.npz", x=x[:30])
+    d = load_data({"name": "wine", "unlabeled": str(tmp_path / "u.npz")}, 0)
+    assert len(d.unlabeled) == 30 and set(d.unlabeled.y.tolist()) == {-1}
+    mean, std = np.array(d.info.x_mean, dtype=np.float32), np.array(d.info.x_std, dtype=np.float32)
+    torch.testing.assert_close(d.unlabeled.x, torch.from_numpy((x[:30] - mean) / std))
+    np.savez(tmp_path / "bad.npz", x=x[:30, :5])
+    with pytest.raises(ConfigError, match="shape") as info:
+        load_data({"name": "wine", "unlabeled": str(tmp_path / "bad.npz")}, 0)
+    assert info.value.path == "data.unlabeled"

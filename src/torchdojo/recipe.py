@@ -51,9 +51,9 @@ class DataSpec(BaseModel):
     classes: Optional[list[int]] = Field(None, min_length=2)
     # Keep only this many training rows (stratified, drawn with the split seed): a small labelled set.
     train_size: Optional[int] = Field(None, ge=1)
-    # With train_size: the training rows it leaves out become an unlabeled stream (labels dropped), for
-    # semi-supervised tasks.
-    unlabeled: bool = False
+    # Unlabelled rows for semi-supervised tasks: `true` takes the training rows beyond train_size (labels
+    # dropped); a path takes the array `x` of that NPZ file.
+    unlabeled: Union[bool, str] = False
 
 
 class GroupRuleSpec(_Strict):

@@ -212,15 +212,16 @@ def _subsample_train(y_train: np.ndarray, size: int, seed: int, classify: bool) 
 
 def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int,
                 standardize: bool | None = None, imbalance: dict | None = None,
-                source: str = "data", train_size: int | None = None, unlabeled: bool = False) -> DataBundle:
+                source: str = "data", train_size: int | None = None,
+                unlabeled: bool | np.ndarray = False) -> DataBundle:
     """Stratified (for classes) train/val/test split, standardisation fitted on train only.
 
     Both fractions are shares of the whole dataset; with a dataset's own test set, `val_fraction` is a
     share of its training rows. `imbalance` ({ratio, minority}) then subsamples the minority classes of
     the training split only (val and test keep every row, so their metrics stay comparable), and
-    `train_size` keeps that many training rows (stratified); with `unlabeled`, the training rows it
-    leaves out become the `unlabeled` stream, without their labels. `source` (the data file, or "data")
-    starts error messages."""
+    `train_size` keeps that many training rows (stratified); with `unlabeled` true, the training rows it
+    leaves out become the `unlabeled` stream, without their labels; an array `unlabeled` is that stream
+    (standardised like train). `source` (the data file, or "data") starts error messages."""
     classify = raw.task_type == "classification"
     if len(raw.x) == 0:
         raise DojoError(f"{source}: the dataset is empty")
@@ -248,7 +249,12 @@ def make_bundle(raw: RawDataset, val_fraction: float, test_fraction: float, seed
                                 imbalance.get("minority"), seed)
         x_train, y_train = x_train[kept], y_train[kept]
     x_unlabeled = None
-    if unlabeled and train_size is None:
+    if isinstance(unlabeled, np.ndarray):
+        if tuple(unlabeled.shape[1:]) != tuple(x.shape[1:]) or len(unlabeled) == 0:
+            raise ConfigError("data.unlabeled", f"the unlabelled rows have shape {tuple(unlabeled.shape[1:])} "
+                                                f"({len(unlabeled)} rows), the data {tuple(x.shape[1:])}")
+        x_unlabeled, unlabeled = unlabeled.astype(np.float32), False
+    elif unlabeled and train_size is None:
         raise ConfigError("data.unlabeled", "needs data.train_size: the training rows beyond it are the unlabeled ones")
     if train_size is not None:
         kept = _subsample_train(y_train, train_size, seed + 2, classify)
@@ -298,8 +304,16 @@ def load_data(spec: dict, seed: int) -> DataBundle:
                                           f"this dataset is {raw.task_type} data")
     if spec.get("classes") is not None:
         raw = select_classes(raw, list(spec["classes"]))
+    unlabeled = spec.get("unlabeled", False)
+    if isinstance(unlabeled, str):          # an NPZ file of unlabelled inputs: its array `x`
+        from .files import _check_numbers, read_npz_arrays
+        arrays = read_npz_arrays(unlabeled)
+        if "x" not in arrays:
+            raise DojoError(f"{unlabeled}: missing array 'x' (found: {', '.join(arrays) or 'none'})")
+        _check_numbers(arrays["x"], unlabeled, "x")
+        unlabeled = arrays["x"]
     split_seed = spec.get("split_seed")
     return make_bundle(raw, spec.get("val_fraction", 0.1), spec.get("test_fraction", 0.2),
                        seed if split_seed is None else split_seed, spec.get("standardize"), spec.get("imbalance"),
                        source=f"data ({spec['path']})" if spec.get("path") else "data",
-                       train_size=spec.get("train_size"), unlabeled=spec.get("unlabeled", False))
+                       train_size=spec.get("train_size"), unlabeled=unlabeled)
