@@ -75,7 +75,7 @@ class SwitchFFN(nn.Module):
             if len(rows) == 0:
                 continue
             h = F.relu(x[rows] @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
-            out = out.index_put((rows,), h * gate[rows, None].to(h.dtype))
+            out = out.index_put((rows,), (h * gate[rows, None]).to(out.dtype))     # bf16 autocast: same dtype
         return out
 
 
