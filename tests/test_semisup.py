@@ -79,6 +79,8 @@ def test_without_confident_rows_or_weight_it_is_supervised_training(options):
     reference, _ = Classify().training_loss(model, batch, terms)
     torch.testing.assert_close(loss, reference)
     assert float(parts["unlabeled"]) == 0.0
+    if options.get("threshold") == 1.0:
+        assert float(task.step_logs["train/semisup/mask_rate"]) == 0.0
 
 
 def test_pseudo_labels_carry_no_gradient():
@@ -128,8 +130,12 @@ def test_fixmatch_beats_supervised_training_on_few_labels(tmp_path):
              "phases": [{"steps": 600, "batch_size": 25, "augment": weak, "optimizer": {"name": "adamw", "lr": 2e-3}}]}
         accuracy[arm] = fit(r, tmp_path / arm)[1]["metrics"]["test/accuracy"]
     assert accuracy["fixmatch"] > accuracy["supervised"] + 0.02, accuracy
-    unlabeled = [e["train/loss/unlabeled"] for e in read_metrics(tmp_path / "fixmatch") if "train/loss/unlabeled" in e]
+    logged = read_metrics(tmp_path / "fixmatch")
+    unlabeled = [e["train/loss/unlabeled"] for e in logged if "train/loss/unlabeled" in e]
     assert max(unlabeled) > 0
+    # The share of unlabelled rows above the threshold grows as the model becomes confident.
+    rates = [e["train/semisup/mask_rate"] for e in logged if "train/semisup/mask_rate" in e]
+    assert len(rates) == len(unlabeled) and all(0 <= r <= 1 for r in rates) and rates[-1] > rates[0]
 
 
 def test_unlabeled_rows_from_an_npz_file(tmp_path):

@@ -261,6 +261,7 @@ class Trainer:
         self.state = TrainState(recipe, model, on_device, task, self.device, run_dir=self.run_dir)
         if hasattr(task, "bind"):       # tasks that need the data or augmentations (semisup, autoencode)
             task.bind(self)
+        self._task_logs = hasattr(task, "step_logs")     # scalars a task wants logged (semisup's mask rate)
         self.state.emit = self._emit
         self._row_weights: torch.Tensor | None = None    # the balanced sampler's, computed on first use
         # Parameter names frozen in each phase, known up front so groups never appear mid-run.
@@ -705,6 +706,8 @@ class Trainer:
         with self._precision():
             # Through the DDP wrapper with several processes: its forward arms the gradient sync.
             loss, parts = self._ddp(batch) if self._ddp is not None else self._batch_loss(s.model, batch)
+        if self._task_logs:
+            s.step_logs.update(s.task.step_logs)
         for m in self.hooks["on_loss"]:
             loss = m.on_loss(s, loss, parts)
         (loss * share if share != 1.0 else loss).backward()

@@ -37,6 +37,8 @@ class SemiSupervised(Classify):
         self.weak_specs, self.strong_specs = list(weak or []), list(strong or [])
         self.unlabeled: torch.Tensor | None = None
         self.weak = self.strong = None
+        # Logged by the trainer on log steps: the share of unlabelled rows confident enough for a pseudo-label.
+        self.step_logs: dict[str, torch.Tensor] = {}
 
     def bind(self, trainer) -> None:
         """Take the unlabelled rows and build the augmentations (checked against the data's kind)."""
@@ -69,6 +71,7 @@ class SemiSupervised(Classify):
             logits_weak = model(self._view(self.weak, u))
         logits = model(torch.cat([x, self._view(self.strong, u)]))
         supervised, parts = weighted_loss(logits[:len(x)], y, terms)
-        unsupervised, _ = self.unlabeled_loss(logits[len(x):], logits_weak)
+        unsupervised, mask_rate = self.unlabeled_loss(logits[len(x):], logits_weak)
+        self.step_logs["train/semisup/mask_rate"] = mask_rate
         parts = {**parts, "unlabeled": (self.weight * unsupervised).detach()}
         return supervised + self.weight * unsupervised, parts
