@@ -548,6 +548,10 @@ class Trainer:
             self._restore_signal_handlers(previous_handlers)
             if self._run is not None:
                 self._run.close()
+            # The DDP wrapper refers back to this trainer (through _BatchLoss), a cycle that only the
+            # garbage collector would free, at interpreter exit: after the process group is gone, where
+            # its reducer's teardown aborts the process ("terminate called without an active exception").
+            self._ddp = None
         return summary
 
     def _run_phases(self, t_start: float, resuming: bool) -> None:
