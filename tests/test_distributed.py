@@ -65,21 +65,26 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def run_dojo(args: list[str], cwd: Path, env: dict, timeout: float, hung: str) -> subprocess.CompletedProcess:
+    """`python -m torchdojo ARGS`; past `timeout` seconds every process it started is killed and the test
+    fails with `hung`."""
+    proc = subprocess.Popen([sys.executable, "-m", "torchdojo", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.communicate()
+        pytest.fail(hung)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def dojo(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     trace = cwd.parent / f"{cwd.name}-trace"
     shutil.rmtree(trace, ignore_errors=True)
     trace.mkdir()
     env = {**(env or os.environ), "OMP_NUM_THREADS": "1", "TORCHDOJO_DIST_TRACE": str(trace)}
-    # Its own process group, so a hang (ranks waiting in different collectives) kills torchrun's workers too.
-    proc = subprocess.Popen([sys.executable, "-m", "torchdojo", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        proc.communicate()
-        pytest.fail(f"`dojo {' '.join(args)}` hung (did the ranks call different collectives?)")
-    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    out = run_dojo(list(args), cwd, env, 60, f"`dojo {' '.join(args)}` hung (did the ranks call different collectives?)")
     # Every rank called the same collectives in the same order (mismatches can pass or hang by chance).
     traces = [p.read_text() for p in sorted(trace.glob("rank*.txt"))]
     assert len(set(traces)) <= 1, "ranks called different collectives"
@@ -257,16 +262,8 @@ def _crash_run(tmp_path: Path, name: str, restarts: int, marker: Path, env: dict
     r["methods"] = [{"name": "crash_once", "at": 7, "marker": str(marker)}]
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(json.dumps(r))
-    proc = subprocess.Popen([sys.executable, "-m", "torchdojo", "train", str(recipe), "--run-dir", name, "--nproc",
-                             "2", "--max-restarts", str(restarts), "-q"], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        proc.communicate()
-        pytest.fail("the crashed job did not end in 90 s")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return run_dojo(["train", str(recipe), "--run-dir", name, "--nproc", "2", "--max-restarts", str(restarts), "-q"],
+                    tmp_path, env, 90, "the crashed job did not end in 90 s")
 
 
 def _left_over(run_dir: Path) -> list[str]:
