@@ -548,9 +548,10 @@ class Trainer:
             self._restore_signal_handlers(previous_handlers)
             if self._run is not None:
                 self._run.close()
-            # The DDP wrapper refers back to this trainer (through _BatchLoss), a cycle that only the
-            # garbage collector would free, at interpreter exit: after the process group is gone, where
-            # its reducer's teardown aborts the process ("terminate called without an active exception").
+            # The DDP wrapper lives for one fit: release it before the caller destroys the process group.
+            # It refers back to this trainer (_BatchLoss holds a bound method), so left alone only the
+            # garbage collector would free it, at interpreter exit, where its reducer's teardown aborts
+            # the process ("terminate called without an active exception").
             self._ddp = None
         return summary
 
