@@ -75,7 +75,8 @@ def same_tree(a, b, path="state") -> None:
 
 def last_checkpoint_state(run_dir: Path, ignore: tuple[str, ...]) -> dict:
     weights, state = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
-    state = {k: v for k, v in state.items() if k not in ("wall_seconds", *ignore)}
+    # Times are measurements of the machine: the run's wall time, and how long the loss meter had run.
+    state = {k: v for k, v in state.items() if k not in ("wall_seconds", "meter_seconds", *ignore)}
     return {"weights": weights, **state}
 
 

@@ -488,8 +488,10 @@ def test_resume_mid_cycle_continues_restarts_and_snapshots_exactly(snapshot_run,
     for step in range(RESUME_AT + 1, PRE_STEPS + CYC_STEPS + 1):
         assert lrs[step] == pytest.approx(_restarts_lr(step - PRE_STEPS - 1), rel=1e-12, abs=1e-15), step
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(src))
-    # The snapshots after the checkpoint are written again, numbered on from the restored one, identical.
-    assert [p.name for p in snapshot_paths(run_dir)] == ["snapshot-02.safetensors", "snapshot-03.safetensors"]
+    # The snapshots after the checkpoint are written again, numbered on from the restored one, identical;
+    # the restored one, whose file was deleted, is written again from the checkpoint (the folder's
+    # manifest lists every member of the ensemble, and a folder missing one is refused).
+    assert [p.name for p in snapshot_paths(run_dir)] == [f"snapshot-0{k}.safetensors" for k in (1, 2, 3)]
     for p in snapshot_paths(run_dir):
         assert_same_weights(load_file(str(p)), load_file(str(src / "checkpoints" / "snapshots" / p.name)))
     assert_same_weights(load_file(str(run_dir / "checkpoints/final/model.safetensors")),

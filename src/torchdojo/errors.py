@@ -17,6 +17,19 @@ class ConfigError(DojoError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+class StoppedBySignal(BaseException):
+    """SIGINT or SIGTERM while no training step runs (the data loads, the model builds): the command
+    stops with `exit_code` (130 or 143) and this message, as there is nothing new to save.
+
+    A BaseException, like KeyboardInterrupt: it is raised by a signal handler wherever the program is,
+    and an `except Exception` there (a loader turning any failure into "file X is damaged", `dojo
+    compare` going on with the next run) must not swallow it."""
+
+    def __init__(self, exit_code: int, message: str = "interrupted before training started"):
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
 def did_you_mean(word: str, choices) -> str:
     """A ' (did you mean 'x'?)' suffix when a close match exists, else ''."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
@@ -25,3 +38,10 @@ def did_you_mean(word: str, choices) -> str:
 
 def choices_text(choices) -> str:
     return ", ".join(sorted(str(c) for c in choices))
+
+
+class DiskFull(DojoError):
+    """The device holding the run directory is full (ENOSPC, or a quota: EDQUOT). Nothing saved before
+    is lost: the run resumes from its last good checkpoint once there is space. `dojo` exits with
+    `exit_code` 75 (EX_TEMPFAIL of sysexits.h: a temporary failure, try again later), not 2."""
+    exit_code = 75

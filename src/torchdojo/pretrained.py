@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .checkpoint import read_final_weights, read_weights_file
 from .errors import DojoError
 
 FINAL_WEIGHTS = Path("checkpoints") / "final" / "model.safetensors"
@@ -53,24 +54,17 @@ def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
     `.safetensors` file."""
     path = Path(source)
     if path.is_dir():
-        file = path / FINAL_WEIGHTS
-        if not file.is_file():
+        if not (path / FINAL_WEIGHTS).is_file():
             hint = " (it is not a run directory)" if not (path / "recipe.yaml").is_file() else \
                 f"; finish it first (`dojo resume {path}`)"
             raise DojoError(f"{path} has no final model ({FINAL_WEIGHTS}){hint}")
-    elif path.is_file():
-        if path.suffix != ".safetensors":
-            raise DojoError(f"{path}: pretrained weights must be a run directory or a .safetensors file "
-                            f"(other formats would need pickle)")
-        file = path
-    else:
+        return read_final_weights(path)     # checked against its manifest
+    if not path.is_file():
         raise DojoError(f"{path} does not exist")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise DojoError(f"{file} cannot be read: {exc}") from None
+    if path.suffix != ".safetensors":
+        raise DojoError(f"{path}: pretrained weights must be a run directory or a .safetensors file "
+                        f"(other formats would need pickle)")
+    return read_weights_file(path, "pretrained weights")
 
 
 def _output_names(model: nn.Module) -> set[str]:

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from safetensors.torch import load_file
-
 from .atomic import atomic_write_text
-from .checkpoint import (WEIGHTS, latest_valid_checkpoint, load_checkpoint, remove_leftovers, save_checkpoint,
-                         save_weights)
+from .checkpoint import (WEIGHTS, CheckpointUnreadable, is_disk_full, latest_valid_checkpoint, list_checkpoints,
+                         load_checkpoint, read_final_weights, remove_leftovers, save_checkpoint, save_final,
+                         validate_checkpoint)
+from .checkpoint_state import StateError, check_state
 from .data import DataBundle, TensorLoader, load_data
 from .distributed import Dist
-from .errors import ConfigError, DojoError, choices_text
+from .errors import ConfigError, DiskFull, DojoError, StoppedBySignal, choices_text
 from .log import MetricsFile, Reporter, TensorBoardSink
 from .methods import HOOKS, GradClip, Method
 from .optim.param_groups import apply_lr_mult, param_groups
@@ -130,6 +130,21 @@ def _set_rng_state(rng: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
 
 
+def load_weights_into(model: nn.Module, weights: dict, what: str) -> None:
+    """`model.load_state_dict(weights)`; tensors that do not fit (missing, unexpected, another shape) are
+    one DojoError naming `what`, not torch's multi-line RuntimeError."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        raise DojoError(f"{what} do not fit the run's model: {' '.join(first[:2])[:300]}") from None
+
+
+def _loggable(value):
+    """A logged scalar as checkpoint state (`weights_only` loading takes tensors and plain numbers)."""
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+
+
 def carry_state(previous: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
     """Give `new` the per-parameter state of `previous` (same optimizer class and groups), keeping the
     new phase's hyperparameters (lr, weight decay, ...)."""
@@ -181,10 +196,18 @@ class LossMeter:
         return mean, speed
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "count": self.count}
+        return {"total": self.total, "count": self.count, "samples": self.samples}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, seconds: float = 0.0) -> None:
+        """`seconds`: how long the meter had been running at the save (a measurement of the machine,
+        kept beside the state): the first line after a resume then reports the throughput of the steps
+        before the stop too, not 0 samples/s."""
         self.total, self.count = state["total"], state["count"]
+        self.samples = state.get("samples", 0)
+        self.since = time.perf_counter() - seconds
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.since
 
 
 class _BatchLoss(nn.Module):
@@ -277,12 +300,15 @@ class Trainer:
         self.reporter = reporter or Reporter(self.total_steps, quiet=quiet)
         self._optimizer_phase = -1
         self._resume_from: tuple[dict, dict] | None = None
+        self.skipped_checkpoints: list[Path] = []     # newer checkpoints from_run_dir could not use
         self._wall_before = 0.0
         self._last_eval_step = -1
         self._last_checkpoint_lines = -1    # metrics.jsonl lines covered by the last checkpoint
         self._interrupt: int | None = None
+        self._steps_started = False       # signals before the first step stop at once (see the handler)
         self._last_train: dict = {}
         self._meter = LossMeter()
+        self._last_parts: dict = {}       # the last step's loss terms, logged with the next train line
         self._recipe_yaml = recipe.to_yaml()     # saved in every checkpoint; serialised once
         self._last_val: dict = {}
         self._run: MetricsFile | None = None
@@ -541,7 +567,14 @@ class Trainer:
         except Interrupted:
             raise
         except Exception as exc:       # `dojo runs` shows the run as failed, with the reason
-            self._write_summary("failed", t_start, error=f"{type(exc).__name__}: {exc}")
+            full = self._disk_full(exc)
+            error = full or exc
+            try:
+                self._write_summary("failed", t_start, error=f"{type(error).__name__}: {error}")
+            except OSError:
+                pass        # a full disk may not take even the summary; the one-line error still says why
+            if full is not None:
+                raise full from None
             raise
         finally:
             self.reporter.stop()
@@ -554,6 +587,26 @@ class Trainer:
             # the process ("terminate called without an active exception").
             self._ddp = None
         return summary
+
+    def _disk_full(self, exc: Exception) -> DiskFull | None:
+        """For a write that failed for want of space (anywhere: a checkpoint, metrics.jsonl, the summary):
+        one DiskFull error naming the last good checkpoint and how to go on; else None."""
+        if not isinstance(exc, DiskFull) and not (self.run_dir is not None and is_disk_full(exc, self.run_dir)):
+            return None
+        if isinstance(exc, DiskFull):
+            what = str(exc)
+        else:
+            where = exc.filename if isinstance(exc, OSError) and exc.filename else self.run_dir
+            what = f"no space left on the device while writing {where}"
+        path, _ = latest_valid_checkpoint(self.run_dir / "checkpoints") if self.run_dir is not None else (None, [])
+        how = (f"the last good checkpoint is {path.name} (step {self._checkpoint_step_of(path)}); free some space "
+               f"and run `dojo resume {self.run_dir}`") if path is not None else \
+            "no checkpoint was written yet; free some space and train again with --overwrite"
+        return DiskFull(f"{what}; {how}")
+
+    @staticmethod
+    def _checkpoint_step_of(path: Path) -> int:
+        return int(path.name.split("-")[1])
 
     def _run_phases(self, t_start: float, resuming: bool) -> None:
         s = self.state
@@ -622,31 +675,36 @@ class Trainer:
     def _run_phase(self, t_start: float) -> None:
         s, ck = self.state, self.recipe.checkpoint
         log_every = self.recipe.log.every_steps
-        parts: dict = {}
-        while s.step_in_phase < s.phase_steps and s.stop_reason is None:
-            self._start_epoch()
-            for batch in s.loader.epoch(s.epoch_in_phase, start=s.batch_in_epoch):
-                batch = self._shard(batch)
-                loss, parts, finite = self._train_step(batch)
-                if finite:      # a skipped step's NaN stays out of the logged mean
-                    self._meter.add(loss, len(batch["x"]) * self.dist.world)
-                if s.step % log_every == 0:
-                    self._log_train(parts)
-                if ck.every_steps and s.step % ck.every_steps == 0:
-                    self._save_checkpoint(t_start)
-                if self._interrupted():
-                    self._stop_for_signal(t_start)
-                if s.step_in_phase >= s.phase_steps:
-                    break
+        self._steps_started = True
+        while s.stop_reason is None:
+            # An epoch's end is handled here, at the top, and not right after its last batch: a run
+            # resumed from a checkpoint saved at that last batch (a periodic save, SIGTERM) comes in with
+            # the epoch complete and must do the same end-of-epoch work, in the same order.
             if s.batch_in_epoch >= s.steps_per_epoch:
                 s.epoch_in_phase, s.batch_in_epoch = s.epoch_in_phase + 1, 0
                 if s.epoch_in_phase % self.recipe.eval.every_epochs == 0:
                     self._validate()
                 if ck.every_epochs and s.epoch_in_phase % ck.every_epochs == 0:
                     self._save_checkpoint(t_start)
+            if s.step_in_phase >= s.phase_steps:
+                break
+            self._start_epoch()
+            for batch in s.loader.epoch(s.epoch_in_phase, start=s.batch_in_epoch):
+                batch = self._shard(batch)
+                loss, self._last_parts, finite = self._train_step(batch)
+                if finite:      # a skipped step's NaN stays out of the logged mean
+                    self._meter.add(loss, len(batch["x"]) * self.dist.world)
+                if s.step % log_every == 0:
+                    self._log_train(self._last_parts)
+                if ck.every_steps and s.step % ck.every_steps == 0:
+                    self._save_checkpoint(t_start)
+                if self._interrupted():
+                    self._stop_for_signal(t_start)
+                if s.step_in_phase >= s.phase_steps:
+                    break
         if s.stop_reason is None:
             if self._meter.count:           # the phase's last steps since a log point
-                self._log_train(parts)
+                self._log_train(self._last_parts)
             if self._last_eval_step != s.step:
                 self._validate()
             if self._last_checkpoint_lines != self._lines_logged():
@@ -975,11 +1033,12 @@ class Trainer:
                    "epochs": round(s.epoch, 4), "wall_seconds": round(wall, 3), "stop_reason": s.stop_reason}
         if self.run_dir is not None:
             remove_leftovers(self.run_dir / "checkpoints")     # of a crash inside an earlier save
-            final = self.run_dir / "checkpoints" / "final"
-            final.mkdir(parents=True, exist_ok=True)
-            save_weights(model, final / WEIGHTS)
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            # summary.json comes last: it is what says "finished" (and what stops `dojo resume`), so
+            # everything it vouches for (final weights with their manifest, the final metrics line) is
+            # on disk first. A kill before it leaves a run that resumes from its last checkpoint.
+            save_final(self.run_dir / "checkpoints", model)
             self._run.write({"step": s.step, "epoch": round(s.epoch, 4), "phase": s.phase_name, **metrics})
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.reporter.stop()
         self.reporter.table(metrics, f"{self.recipe.name}: final metrics")
         return summary
@@ -1025,7 +1084,9 @@ class Trainer:
                 "schedule": self._schedule.state_dict(),
                 "nonfinite": [self._nonfinite_skips, self._nonfinite_in_a_row],
                 "rollback": {"lr_factor": self._lr_factor, "to_steps": list(self._rollbacks)},
-                "wall_seconds": self._wall_before + time.perf_counter() - t_start}
+                "pending_log": {"parts": {k: _loggable(v) for k, v in self._last_parts.items()},
+                                "step_logs": {k: _loggable(v) for k, v in s.step_logs.items()}},
+                "wall_seconds": self._wall_before + time.perf_counter() - t_start, "meter_seconds": self._meter.seconds()}
 
     def _save_checkpoint(self, t_start: float) -> None:
         # Every rank gathers its own RNG and loss-meter state (a collective: before the rank-0 branch).
@@ -1046,10 +1107,23 @@ class Trainer:
         """Prepare to continue from a checkpoint folder; `fit()` then resumes there. The folder must
         match its manifest (see `checkpoint.validate_checkpoint`), else DojoError names the reason."""
         weights, state = load_checkpoint(path)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise DojoError(f"checkpoint {path} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise StateError(f"checkpoint {path} has format {found!r}, expected {CHECKPOINT_FORMAT}")
+        if not isinstance(state.get("recipe"), str):
+            raise StateError(f"checkpoint {path}: state.pt holds no recipe")
         self._check_recipe_matches(path, state["recipe"])
-        self.state.model.load_state_dict(weights)
+        check_state(state, phase_steps=[steps for steps, _ in self.phase_plan], methods=len(self.methods),
+                    where=f"checkpoint {path}")
+        try:        # into a throwaway optimizer of the same phase: a mismatch is refused before anything moves
+            self.build_optimizer(state["optimizer_phase"]).load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            raise StateError(f"checkpoint {path}: state.pt `optimizer` does not fit this recipe's optimizer "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        try:
+            load_weights_into(self.state.model, weights, f"the weights of checkpoint {path}")
+        except DojoError as exc:
+            raise StateError(str(exc)) from None
         s = self.state
         s.phase_index, s.step = state["phase_index"], state["step"]
         self._resume_from = (weights, state)
@@ -1073,11 +1147,7 @@ class Trainer:
         final = self.run_dir / "checkpoints" / "final" / WEIGHTS if self.run_dir else None
         finished = final is not None and final.is_file()
         if finished:
-            try:
-                weights = load_file(str(final))
-            except Exception as exc:   # a corrupt file: say which, never fall back to another loader
-                raise DojoError(f"{final} cannot be read: {exc}") from None
-            self.state.model.load_state_dict(weights)
+            load_weights_into(self.state.model, read_final_weights(self.run_dir), f"the final weights in {final.parent}")
             model = self.state.model
         elif self._resume_from is None:
             raise DojoError(f"{self.run_dir} has neither a final model nor a checkpoint")
@@ -1102,18 +1172,33 @@ class Trainer:
         s = self.state
         s.step_in_phase, s.epoch_in_phase = state["step_in_phase"], state["epoch_in_phase"]
         s.batch_in_epoch, s.epochs_done = state["batch_in_epoch"], state["epochs_done"]
-        s.optimizer.load_state_dict(state["optimizer"])
+        try:
+            s.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            raise StateError(f"the checkpoint's optimizer state does not fit phase {s.phase_index}'s optimizer: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
         # A multi-process checkpoint has each rank's own RNG and loss meter (see `_save_checkpoint`).
         ranks = state.get("ranks")
         own = ranks[self.dist.rank] if ranks is not None and len(ranks) == self.dist.world else state
-        self._meter.load_state_dict(own["loss_meter"])
+        self._meter.load_state_dict(own["loss_meter"], state.get("meter_seconds", 0.0))
         self._schedule.load_state_dict(state["schedule"])
-        for m, sd in zip(self.methods, state["methods"]):
-            m.load_state_dict(sd)
+        for i, (m, sd) in enumerate(zip(self.methods, state["methods"])):
+            try:
+                m.load_state_dict(sd)
+            except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
+                raise StateError(f"the checkpoint's state of methods.{i} ({type(m).__name__}) cannot be "
+                                 f"restored: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
         self._nonfinite_skips, self._nonfinite_in_a_row = state.get("nonfinite", (0, 0))   # older: none
         rollback = state.get("rollback", {"lr_factor": 1.0, "to_steps": []})
         self._lr_factor, self._rollbacks = rollback["lr_factor"], list(rollback["to_steps"])
+        # What the next train line reports besides the loss mean: the last step's loss parts and the
+        # scalars methods and tasks logged (older checkpoints: none).
+        pending = state.get("pending_log", {"parts": {}, "step_logs": {}})
+        self._last_parts = dict(pending["parts"])
+        s.step_logs.clear()
+        s.step_logs.update(pending["step_logs"])
         _set_rng_state(own["rng"])
+        self._start_epoch()     # the restored epoch's loader (its batch size can differ from epoch 0's)
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, quiet: bool = False, checkpoint: Path | None = None) -> "Trainer":
@@ -1140,11 +1225,18 @@ class Trainer:
         if checkpoint is not None:            # asked for explicitly: refuse it if invalid, no fallback
             trainer.load_checkpoint(Path(checkpoint))
             return trainer
-        path, skipped = latest_valid_checkpoint(run_dir / "checkpoints")
-        for text in skipped:
-            warnings.warn(text, stacklevel=2)
-        if path is not None:
-            trainer.load_checkpoint(path)
+        # The newest checkpoint that matches its manifest and whose state loads; one that passes its
+        # manifest but cannot be used (written by another version, crafted) is skipped like a damaged one.
+        for path in reversed(list_checkpoints(run_dir / "checkpoints")):
+            reason = validate_checkpoint(path)
+            if reason is None:
+                try:
+                    trainer.load_checkpoint(path)
+                    break
+                except (StateError, CheckpointUnreadable) as exc:
+                    reason = str(exc)
+            warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)
+            trainer.skipped_checkpoints.append(path)
         return trainer
 
     def _check_recipe_matches(self, path: Path, saved: str) -> None:
@@ -1159,10 +1251,22 @@ class Trainer:
     def _install_signal_handlers(self):
         def handler(signum, frame):
             self._interrupt = signum
+            # Before the first step nothing new exists to save (setup can take long: data, a big
+            # model, a schedule): stop now rather than at a step that may be minutes away.
+            if not self._steps_started:
+                raise StoppedBySignal(130 if signum == signal.SIGINT else 143,
+                                      f"interrupted before training started{self._resume_hint()}")
         try:
             return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:   # not in the main thread: leave signals alone
             return {}
+
+    def _resume_hint(self) -> str:
+        if self.run_dir is None or not (self.run_dir / "recipe.yaml").exists():
+            return ""
+        if self._resume_from is not None:
+            return f"; nothing was lost, resume with: dojo resume {self.run_dir}"
+        return f"; start it again with --overwrite (--run-dir {self.run_dir})"
 
     @staticmethod
     def _restore_signal_handlers(previous) -> None:

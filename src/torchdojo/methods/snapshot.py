@@ -3,28 +3,74 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..atomic import atomic_write_text, fsync_dir
+from ..checkpoint import MANIFEST, MANIFEST_FORMAT, manifest_text, read_weights_file, validate_files
 from ..ensemble import Ensemble
 from ..errors import ConfigError, DojoError
 from .base import Method
 
 SNAPSHOT_DIR = Path("checkpoints") / "snapshots"
+SNAPSHOT_GLOB = "snapshot-*.safetensors"
 
 
 def snapshot_files(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / SNAPSHOT_DIR).glob("snapshot-*.safetensors"))
+    return sorted((run_dir / SNAPSHOT_DIR).glob(SNAPSHOT_GLOB))
 
 
-def _read_snapshot(path: Path) -> dict[str, torch.Tensor]:
+def read_snapshots(run_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """A finished run's snapshots, after checking the folder against its manifest: each file's size and
+    sha256, and exactly the files it lists (a deleted or an added snapshot would change the ensemble)."""
+    folder = run_dir / SNAPSHOT_DIR
+    reason = validate_files(folder, (), pattern=SNAPSHOT_GLOB)
+    if reason is not None:
+        raise DojoError(f"the snapshots in {folder} are not usable: {reason}")
+    return [read_weights_file(p, "snapshot") for p in snapshot_files(run_dir)]
+
+
+def _name(index: int) -> str:
+    return f"snapshot-{index:02d}.safetensors"
+
+
+def _listed(folder: Path) -> dict:
+    """The entries of the folder's manifest, {} when there is none or it cannot be read."""
     try:
-        return load_file(str(path))
-    except Exception as exc:   # a corrupt file: say which, never fall back to another loader
-        raise DojoError(f"snapshot {path} cannot be read: {exc}") from None
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def write_snapshots(folder: Path, snapshots: list[dict[str, torch.Tensor]]) -> None:
+    """The newest snapshot as `snapshot-NN.safetensors` (N = len(snapshots)), then the folder's manifest
+    listing snapshots 1..N. Earlier snapshots keep the manifest entries they were written with; one that
+    is not listed (a resumed run whose folder lost it) is written again from memory, and files beyond N
+    (written before a crash, past the checkpoint a run resumed from) are deleted, so the manifest and the
+    folder always agree with the run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [_name(k) for k in range(1, len(snapshots) + 1)]
+    for path in folder.glob(SNAPSHOT_GLOB):
+        if path.name not in names:
+            path.unlink()
+    listed = _listed(folder)
+    entries = {}
+    for name, weights in zip(names, snapshots):
+        path = folder / name
+        if name != names[-1] and name in listed and path.is_file():
+            entries[name] = listed[name]
+            continue
+        tmp = folder / f".tmp-{name}"
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+        fsync_dir(tmp)          # opens read-only and fsyncs: a file here
+        tmp.replace(path)
+        entries[name] = json.loads(manifest_text(folder, [name]))["files"][name]
+    atomic_write_text(folder / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=2) + "\n")
 
 
 class SnapshotEnsemble(Method):
@@ -61,15 +107,12 @@ class SnapshotEnsemble(Method):
             weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
             self.snapshots.append(weights)
             if state.run_dir is not None:
-                folder = state.run_dir / SNAPSHOT_DIR
-                folder.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in weights.items()},
-                          str(folder / f"snapshot-{len(self.snapshots):02d}.safetensors"))
+                write_snapshots(state.run_dir / SNAPSHOT_DIR, self.snapshots)
 
     def on_models(self, state, models: dict) -> dict:
         snapshots = self.snapshots
         if not snapshots and state.run_dir is not None:      # `dojo eval` / `predict` on a finished run
-            snapshots = [_read_snapshot(p) for p in snapshot_files(state.run_dir)]
+            snapshots = read_snapshots(state.run_dir) if (state.run_dir / SNAPSHOT_DIR).is_dir() else []
         if not snapshots:
             return models
         members = []
