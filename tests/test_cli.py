@@ -3,20 +3,26 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from torchdojo import Trainer
+from torchdojo import Trainer, load_recipe
+from torchdojo.cli import main
+from torchdojo.cli_errors import handle_errors
 from torchdojo.data.builtin import synthetic_tabular
 from torchdojo.log import fmt
 
@@ -224,5 +230,116 @@ def test_train_into_a_non_empty_run_dir_is_refused(recipe_file, tmp_path):
     res = dojo("train", recipe_file, "--run-dir", run_dir, "-q")
     assert res.returncode == 2
     assert "not empty" in res.stderr and "dojo resume" in res.stderr and "Traceback" not in res.stderr
-    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+    assert "--overwrite" in res.stderr
+    # --overwrite deletes runs only, not a folder a mistyped --run-dir points at.
+    res = dojo("train", recipe_file, "--run-dir", run_dir, "--overwrite", "-q")
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "does not look like a run directory" in res.stderr
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") == ["notes.txt"]
     assert (run_dir / "notes.txt").read_text() == "keep me"
+
+
+# -- a run killed before its first checkpoint (issue 21) ------------------------------------------
+
+def _train_until_killed(recipe: dict, run_dir: Path) -> None:
+    Trainer(load_recipe(recipe), run_dir, quiet=True).fit()
+
+
+def run_killed_before_its_first_checkpoint(recipe: dict, run_dir: Path) -> None:
+    """SIGKILL a training (in a forked child) once it has logged a line, long before any checkpoint."""
+    child = multiprocessing.get_context("fork").Process(target=_train_until_killed, args=(recipe, run_dir))
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+            assert child.is_alive() and time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        child.kill()
+        child.join(30)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tmp_path):
+    long = cli_recipe()
+    long["phases"][0]["steps"] = 5000
+    long["checkpoint"] = {"every_epochs": None, "every_steps": None}
+    run_dir = tmp_path / "run"
+    run_killed_before_its_first_checkpoint(long, run_dir)
+
+    res = dojo("resume", run_dir, "-q")
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "stopped before its first checkpoint" in res.stderr and "warnings above" not in res.stderr
+    suggested = re.search(r"`dojo (train .* --overwrite)`", res.stderr).group(1).split()
+    assert suggested == ["train", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir), "--overwrite"]
+
+    # The suggested command (shortened by an override) starts the run afresh: nothing of the killed one stays.
+    res = dojo(*suggested, "phases.warm.steps=12", "-q")
+    assert res.returncode == 0, res.stderr
+    reference = cli_recipe()
+    reference["phases"][0]["steps"] = 12
+    reference["checkpoint"] = long["checkpoint"]
+    trainer = Trainer(load_recipe(reference), tmp_path / "reference", quiet=True)
+    trainer.fit()
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == \
+        (tmp_path / "reference" / "metrics.jsonl").read_text().count("\n")
+    for name, tensor in load_file(str(tmp_path / "reference" / "checkpoints" / "final" / "model.safetensors")).items():
+        assert torch.equal(load_file(str(run_dir / "checkpoints" / "final" / "model.safetensors"))[name], tensor)
+
+
+def test_resume_with_only_damaged_checkpoints_points_at_the_warnings(tmp_path):
+    run_dir = tmp_path / "run"
+    Trainer(load_recipe(cli_recipe()), run_dir, quiet=True).fit()
+    (run_dir / "summary.json").unlink()
+    for state in (run_dir / "checkpoints").glob("step-*/state.pt"):
+        state.write_bytes(b"damaged")
+    res = dojo("resume", run_dir, "-q")
+    assert res.returncode == 2, res.stderr
+    warnings_, error = res.stderr.splitlines()[:-1], res.stderr.splitlines()[-1]
+    assert warnings_ and all(w.startswith("warning: skipping checkpoint") for w in warnings_)
+    assert error.startswith("error:") and "see the warnings above" in error and "--overwrite" in error
+
+
+def test_train_help_says_overwrite_deletes_the_run():
+    res = CliRunner().invoke(main, ["train", "--help"])
+    assert res.exit_code == 0
+    assert re.search(r"--overwrite\s+Delete everything in --run-dir", res.output)
+
+
+# -- SIGINT / SIGTERM before training starts (issue 21) ---------------------------------------------
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
+def test_interrupt_before_training_starts_is_one_line(tmp_path, sig, code):
+    r = cli_recipe()
+    r["data"]["n_samples"] = 1_000_000       # about 2 s of data set-up to interrupt
+    recipe_path = tmp_path / "big.yaml"
+    recipe_path.write_text(yaml.safe_dump(r))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([DOJO, "train", str(recipe_path), "--run-dir", str(run_dir), "-q"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The lock file names the process once the command has started (right before the data loads).
+        deadline = time.monotonic() + 60
+        while not (run_dir / ".lock").is_file() or not (run_dir / ".lock").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert err.strip() == "interrupted before training started; nothing was lost"
+    assert not run_dir.exists(), list(run_dir.iterdir())     # left as it was: the same command can run again
+
+
+def test_ctrl_c_in_a_command_without_its_own_handler_is_exit_130_in_one_line(capsys):
+    """eval, report, ... install no signal handler: Ctrl-C is a KeyboardInterrupt, which click would
+    turn into "Aborted!" and exit code 1."""
+    @handle_errors
+    def command():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stop:
+        command()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"

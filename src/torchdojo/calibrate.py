@@ -36,6 +36,7 @@ from torch import nn
 from .calibration import TemperatureScaling, calibration_metrics, reliability_diagram
 from .cli_errors import handle_errors
 from .errors import DojoError
+from .runfiles import read_json_object
 
 CALIBRATION_JSON = "calibration.json"
 RELIABILITY_PNG = "reliability.png"
@@ -72,10 +73,7 @@ def load_calibration(run_dir: str | Path) -> TemperatureScaling | None:
     if not path.is_file():
         return None
     fix = f"run `dojo calibrate {run_dir}` again or delete the file"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DojoError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    data = read_json_object(path, fix)
     try:
         return TemperatureScaling.from_dict(data)
     except ValueError as exc:

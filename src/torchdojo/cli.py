@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import csv
-import json
 import shutil
+import signal
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ import click
 from .calibrate import calibrate_command
 from .cli_errors import handle_errors
 from .compare import compare_command
-from .errors import DojoError
+from .errors import DojoError, StoppedBySignal
 from .lr_find import lr_find_command
 from .pair_search import pair_search_command
 from .plot_schedule import plot_schedule_command
@@ -47,11 +48,13 @@ MAX_RESTARTS_OPTION = click.option("--max-restarts", type=click.IntRange(min=0),
 @click.argument("overrides", nargs=-1)
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Where to write the run "
               "(default: runs/<recipe-name>-<timestamp>/).")
+@click.option("--overwrite", is_flag=True, help="Delete everything in --run-dir first (a finished run "
+              "too) and train from scratch, e.g. after a run was killed before its first checkpoint.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @NPROC_OPTION
 @MAX_RESTARTS_OPTION
 @handle_errors
-def train(recipe, overrides, run_dir, quiet, nproc, max_restarts):
+def train(recipe, overrides, run_dir, overwrite, quiet, nproc, max_restarts):
     """Train RECIPE (a YAML file or a built-in name), with optional key.path=value OVERRIDES.
 
     \b
@@ -59,7 +62,8 @@ def train(recipe, overrides, run_dir, quiet, nproc, max_restarts):
       dojo train quickstart
       dojo train quickstart phases.main.epochs=5 phases.main.optimizer.lr=1e-3
       dojo train my.yaml seed=3 --run-dir runs/try3
-    The run directory gets recipe.yaml, metrics.jsonl, summary.json and checkpoints/.
+    The run directory gets recipe.yaml, metrics.jsonl, summary.json and checkpoints/. Only one
+    `dojo train` or `dojo resume` at a time may write it.
 
     With --nproc N, N local processes train data-parallel through torchrun (the recipe's batch_size
     is the global batch, split over them); `torchrun ... -m torchdojo train` works the same."""
@@ -73,28 +77,127 @@ def train(recipe, overrides, run_dir, quiet, nproc, max_restarts):
         # Every process must find the same directory: a timestamped default could differ between them.
         raise DojoError("training with several processes needs --run-dir")
     run_dir = Path(run_dir) if run_dir else default_run_dir(r)
-    restarted = dist.enabled and dist.restart_count > 0
-    if not restarted and run_dir.exists() and any(run_dir.iterdir()):
-        raise DojoError(f"run directory {run_dir} is not empty; use `dojo resume {run_dir}` or another --run-dir")
-    from .ensemble_runs import is_sequential, train_ensemble
-    if (nproc > 1 or dist.enabled) and is_sequential(r):
-        raise DojoError("an ensemble whose members train one after another cannot use several processes")
-    if nproc > 1 and not dist.enabled:
-        _check_divides(r, nproc)        # one clean error here rather than one per process
-        args = ["train", recipe, *overrides, "--run-dir", str(run_dir)] + (["--quiet"] if quiet else [])
-        _launch(nproc, args, max_restarts, run_dir)
-    if dist.enabled:
-        _train_distributed(r, run_dir, quiet, dist, restarted)
-        return
-    if is_sequential(r):        # members that differ in more than their seed: one run each
+    launcher = nproc > 1 and not dist.enabled
+    with _stop_on_signals("interrupted before training started; nothing was lost"), \
+            _writer_lock(run_dir, dist, launcher):
+        restarted = dist.enabled and dist.restart_count > 0
+        if overwrite and not restarted:     # a torchrun restart continues what the first attempt wrote
+            if dist.is_main:        # the other ranks could see rank 0's clearing half done
+                _check_overwritable(run_dir)
+            if dist.is_main and not launcher:       # the one process that holds the lock
+                _clear_run_dir(run_dir)
+        elif not restarted and _has_run_files(run_dir):
+            raise DojoError(f"run directory {run_dir} is not empty; use `dojo resume {run_dir}`, another "
+                            f"--run-dir, or --overwrite to delete it and start again")
+        from .ensemble_runs import is_sequential, train_ensemble
+        if (nproc > 1 or dist.enabled) and is_sequential(r):
+            raise DojoError("an ensemble whose members train one after another cannot use several processes")
+        if launcher:
+            _check_divides(r, nproc)        # one clean error here rather than one per process
+            args = ["train", recipe, *overrides, "--run-dir", str(run_dir)] + (["--quiet"] if quiet else []) \
+                + (["--overwrite"] if overwrite else [])
+            _launch(nproc, args, max_restarts, run_dir)
+        if dist.enabled:
+            _train_distributed(r, run_dir, quiet, dist, restarted)
+            return
+        if is_sequential(r):        # members that differ in more than their seed: one run each
+            if not quiet:
+                click.echo(f"run directory: {run_dir} (ensemble of {r.ensemble.members}, members one after another)")
+            train_ensemble(r, run_dir, quiet=quiet)
+            return
+        trainer = Trainer(r, run_dir, quiet=quiet)
         if not quiet:
-            click.echo(f"run directory: {run_dir} (ensemble of {r.ensemble.members}, members one after another)")
-        train_ensemble(r, run_dir, quiet=quiet)
-        return
-    trainer = Trainer(r, run_dir, quiet=quiet)
-    if not quiet:
-        click.echo(f"run directory: {run_dir}")
-    trainer.fit()
+            click.echo(f"run directory: {run_dir}")
+        trainer.fit()
+
+
+@contextmanager
+def _writer_lock(run_dir: Path, dist, launcher: bool):
+    """Hold the run directory's writer lock (see run_lock) for the rest of the command. Under torchrun
+    only rank 0 writes, so only rank 0 locks; the `--nproc` launcher only checks that no one else holds
+    it, as its own rank 0 must be able to take it."""
+    from .run_lock import acquire_run_dir, check_run_dir_free
+    if launcher:
+        check_run_dir_free(run_dir)
+        yield
+    elif dist.is_main:
+        from .run_lock import LOCK_NAME, RunDirBusy
+        created = not run_dir.exists()
+        had_lock_file = (run_dir / LOCK_NAME).exists()
+        lock = None
+        try:
+            lock = acquire_run_dir(run_dir)
+            yield
+        except BaseException as exc:
+            # A recipe, data or checkpoint error, or a signal (even one inside acquire_run_dir): leave
+            # the folder as it was (none, empty, the run as it stood), with no lock file this command
+            # added. Never the lock file of the process that holds it (RunDirBusy).
+            if not had_lock_file and not isinstance(exc, RunDirBusy):
+                _remove_lock_file(run_dir, remove_folder=created)
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+    else:
+        yield
+
+
+def _remove_lock_file(run_dir: Path, remove_folder: bool) -> None:
+    """Delete the lock file this command created (and the folder, when this command created it and it
+    is empty again). Unlinked while the lock is still held: a process that opened the file before gets
+    "busy"; one that comes after creates a new lock file, and the rmdir then fails and leaves the folder
+    to it."""
+    from .run_lock import LOCK_NAME
+    try:
+        (run_dir / LOCK_NAME).unlink()
+        if remove_folder and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+    except OSError:
+        pass
+
+
+@contextmanager
+def _stop_on_signals(message: str):
+    """SIGINT/SIGTERM while the run is set up (data, model) end the command with 130/143 and `message`
+    instead of click's "Aborted!" or a silent death; Trainer.fit installs its own handlers while it
+    trains (and puts these back)."""
+    def stop(signum, frame):
+        raise StoppedBySignal(128 + signum, message)
+    try:
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:      # not in the main thread (an embedding program): leave signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _has_run_files(run_dir: Path) -> bool:
+    from .run_lock import LOCK_NAME
+    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+
+
+def _check_overwritable(run_dir: Path) -> None:
+    """--overwrite deletes only what looks like a run: a mistyped --run-dir (a home or project folder)
+    must not be emptied."""
+    from .runs import is_run_dir
+    if _has_run_files(run_dir) and not is_run_dir(run_dir):
+        raise DojoError(f"{run_dir} does not look like a run directory (no recipe.yaml, metrics.jsonl, "
+                        f"summary.json or checkpoints/); --overwrite deletes only runs, so remove it yourself")
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Everything in `run_dir` but its lock file (which must stay: see run_lock)."""
+    from .run_lock import LOCK_NAME
+    for p in run_dir.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _check_divides(r, nproc: int) -> None:
@@ -163,41 +266,56 @@ def _train_distributed(r, run_dir: Path, quiet: bool, dist, restarted: bool) -> 
 @MAX_RESTARTS_OPTION
 @handle_errors
 def resume(run_dir, quiet, nproc, max_restarts):
-    """Continue an interrupted run from its last checkpoint (--nproc N: in N processes, through torchrun)."""
+    """Continue an interrupted run from its last checkpoint (--nproc N: in N processes, through torchrun).
+
+    Only one `dojo train` or `dojo resume` at a time may write a run directory."""
     from .distributed import Dist
     from .trainer import Trainer
 
-    if _run_status(Path(run_dir)) == "finished":
-        raise DojoError(f"{run_dir} has already finished; nothing to resume (see `dojo eval {run_dir}`)")
+    if not (Path(run_dir) / "recipe.yaml").is_file():    # before the lock, which would write its file here
+        raise DojoError(f"{run_dir} is not a run directory (no recipe.yaml)")
     dist = Dist.from_env()
-    if nproc > 1 and not dist.enabled:
-        _launch(nproc, ["resume", run_dir] + (["--quiet"] if quiet else []), max_restarts, run_dir)
-    if dist.enabled:
-        dist.init()
-    sequential = _sequential_ensemble(Path(run_dir))
-    if sequential is not None and dist.enabled:
-        raise DojoError("an ensemble whose members train one after another cannot use several processes")
-    if sequential is not None:
-        from .ensemble_runs import train_ensemble
-        train_ensemble(sequential, Path(run_dir), quiet=quiet)      # skips finished members, resumes the rest
-        return
-    trainer = Trainer.from_run_dir(run_dir, quiet=quiet)
-    if trainer.checkpoint_step is None:
-        raise DojoError(f"{run_dir} has no checkpoint to resume from (none that validates; see the warnings above)")
-    if not quiet and dist.is_main:
-        click.echo(f"resuming {run_dir} at step {trainer.state.step} of {trainer.total_steps}")
-    dist.barrier()      # every rank has read the checkpoint before rank 0 writes again
-    trainer.fit()
-    dist.destroy()      # only after success (see _train_distributed)
+    launcher = nproc > 1 and not dist.enabled
+    with _stop_on_signals(f"interrupted before training started; nothing was lost, resume with: "
+                          f"dojo resume {run_dir}"), _writer_lock(Path(run_dir), dist, launcher):
+        if _run_status(Path(run_dir)) == "finished":
+            raise DojoError(f"{run_dir} has already finished; nothing to resume (see `dojo eval {run_dir}`)")
+        if launcher:
+            _launch(nproc, ["resume", run_dir] + (["--quiet"] if quiet else []), max_restarts, run_dir)
+        if dist.enabled:
+            dist.init()
+        sequential = _sequential_ensemble(Path(run_dir))
+        if sequential is not None and dist.enabled:
+            raise DojoError("an ensemble whose members train one after another cannot use several processes")
+        if sequential is not None:
+            from .ensemble_runs import train_ensemble
+            train_ensemble(sequential, Path(run_dir), quiet=quiet)      # skips finished members, resumes the rest
+            return
+        trainer = Trainer.from_run_dir(run_dir, quiet=quiet)
+        if trainer.checkpoint_step is None:
+            raise DojoError(_no_checkpoint_message(Path(run_dir), warned=bool(trainer.skipped_checkpoints)))
+        if not quiet and dist.is_main:
+            click.echo(f"resuming {run_dir} at step {trainer.state.step} of {trainer.total_steps}")
+        dist.barrier()      # every rank has read the checkpoint before rank 0 writes again
+        trainer.fit()
+        dist.destroy()      # only after success (see _train_distributed)
+
+
+def _no_checkpoint_message(run_dir: Path, warned: bool) -> str:
+    """`warned`: Trainer.from_run_dir skipped checkpoints, each with a warning printed above."""
+    why = "none that validates; see the warnings above" if warned else "the run stopped before its first checkpoint"
+    return (f"{run_dir} has no checkpoint to resume from ({why}); start it again with "
+            f"`dojo train {run_dir / 'recipe.yaml'} --run-dir {run_dir} --overwrite`")
 
 
 def _run_status(run_dir: Path) -> str | None:
     """`status` from summary.json (finished, interrupted), or None if it is missing or unreadable."""
+    from .runfiles import read_json_object
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        summary = read_json_object(run_dir / "summary.json")
+    except DojoError:       # tolerant on purpose: a resumed run rewrites its summary at the end
         return None
-    return summary.get("status") if isinstance(summary, dict) else None
+    return summary.get("status")
 
 
 TTA_OPTION = click.option("--tta", "tta_views", type=click.IntRange(min=1), default=None,

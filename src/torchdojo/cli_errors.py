@@ -24,6 +24,7 @@ def handle_errors(fn):
             click.echo(f"\n{exc}", err=True)
             sys.exit(exc.exit_code)
         except StoppedBySignal as exc:
+            exc.handled()
             click.echo(str(exc), err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:       # Ctrl-C in a command that installs no handler (eval, report, ...)

@@ -41,6 +41,8 @@ import click
 
 from .cli_errors import handle_errors
 from .errors import DojoError, choices_text, did_you_mean
+from .run_lock import LOCK_NAME
+from .runfiles import read_json_object, read_summary
 
 JSON_NAME = "compare.json"
 MD_NAME = "compare.md"
@@ -284,9 +286,7 @@ def wide_console(width: int = 140):
 
 
 def print_table(result: dict, title: str, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
-
     from rich.text import Text
 
     console = console or wide_console()
@@ -497,19 +497,19 @@ def plan_variants(varies: Sequence[str], overrides: Sequence[str]) -> list[Varia
 
 
 def _same_recipe(run_dir: Path, expected_yaml: str) -> bool:
-    import yaml
-    try:
-        return yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) == yaml.safe_load(expected_yaml)
-    except (OSError, ValueError, yaml.YAMLError):
+    """Whether the run's recipe.yaml holds the recipe of `expected_yaml`; a damaged one is a DojoError."""
+    from .recipe import parse_yaml, read_recipe_source
+
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
         return False
+    return read_recipe_source(str(path))[0] == parse_yaml(expected_yaml, "the expected recipe")
 
 
 def _read_summary(run_dir: Path) -> dict | None:
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
+    """The run's summary.json, None when it has none; a damaged one is a DojoError naming it."""
+    path = run_dir / "summary.json"
+    return read_summary(path) if path.exists() else None
 
 
 def plan_runs(source: str, overrides: Sequence[str], variants: list[Variant], seeds: list[int],
@@ -529,7 +529,8 @@ def plan_runs(source: str, overrides: Sequence[str], variants: list[Variant], se
                 where = f"variant {v.label}" if v.overrides else "recipe"
                 raise DojoError(f"{where}: {exc}") from None
             spec = RunSpec(i, seed, out / v.dirname / f"seed{seed}", ovr)
-            if spec.run_dir.is_dir() and any(spec.run_dir.iterdir()):
+            # A lone .lock: a variant stopped before it wrote anything.
+            if spec.run_dir.is_dir() and any(p.name != LOCK_NAME for p in spec.run_dir.iterdir()):
                 summary = _read_summary(spec.run_dir)
                 status = summary.get("status") if summary else None
                 if not _same_recipe(spec.run_dir, recipe.to_yaml()):
@@ -710,14 +711,14 @@ def find_run_dirs(root: Path, max_depth: int = 4) -> list[Path]:
 
 def _compare_order(root: Path) -> dict[str, int]:
     """Variant directory -> position, from an earlier compare.json in `root` (baseline first)."""
-    doc = None
-    try:
-        doc = json.loads((root / JSON_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    if not isinstance(doc, dict):
+    path = root / JSON_NAME
+    if not path.exists():
         return {}
-    return {v.get("dir"): i for i, v in enumerate(doc.get("variants", [])) if isinstance(v, dict) and v.get("dir")}
+    variants = read_json_object(path).get("variants", [])
+    if not isinstance(variants, list):
+        raise DojoError(f"{path}: \"variants\" must be a list")
+    dirs = [v.get("dir") if isinstance(v, dict) else None for v in variants]
+    return {d: i for i, d in enumerate(dirs) if isinstance(d, str) and d}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -760,8 +761,9 @@ class Group:
 def group_runs(sources: Sequence[Path], max_label_keys: int = 3) -> tuple[list[Group], list[str]]:
     """Finished runs under `sources`, grouped by their recipe.yaml without `seed`; each group is labelled
     by the flattened keys that differ between groups (at most `max_label_keys` of them), else by its
-    directory. Returns (groups in order of appearance, notes about runs left out)."""
-    import yaml
+    directory. Returns (groups in order of appearance, notes about runs left out). A damaged
+    summary.json, recipe.yaml or compare.json is a DojoError naming the file."""
+    from .recipe import read_recipe_source
 
     groups: dict[str, Group] = {}
     notes: list[str] = []
@@ -779,13 +781,10 @@ def group_runs(sources: Sequence[Path], max_label_keys: int = 3) -> tuple[list[G
             if status != "finished":
                 notes.append(f"{run}: left out ({status})")
                 continue
-            try:
-                recipe = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError):
-                recipe = None
-            if not isinstance(recipe, dict):
-                notes.append(f"{run}: left out (no readable recipe.yaml)")
+            if not (run / "recipe.yaml").is_file():
+                notes.append(f"{run}: left out (no recipe.yaml)")
                 continue
+            recipe, _ = read_recipe_source(str(run / "recipe.yaml"))     # a damaged one: one-line error
             recipe = {k: v for k, v in recipe.items() if k != "seed"}
             key = json.dumps(recipe, sort_keys=True, default=str)
             groups.setdefault(key, Group(recipe, [])).runs.append(run)

@@ -17,6 +17,7 @@ from torch import nn
 from .atomic import atomic_write_text
 from .errors import ConfigError, DojoError
 from .recipe import Recipe, apply_override, load_recipe
+from .run_lock import acquire_run_dir
 
 
 def is_sequential(recipe: Recipe) -> bool:
@@ -52,10 +53,14 @@ def member_recipes(recipe: Recipe) -> list[dict]:
 
 def train_ensemble(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
     """Train every member (resuming or skipping those already done), then evaluate members and ensemble
-    on val and test; writes `summary.json` in `run_dir` and returns it."""
+    on val and test; writes `summary.json` in `run_dir` and returns it. Holds `run_dir`'s writer lock
+    throughout (see run_lock; each member's Trainer.fit locks its own folder)."""
+    with acquire_run_dir(run_dir):
+        return _train_ensemble(recipe, Path(run_dir), quiet)
+
+
+def _train_ensemble(recipe: Recipe, run_dir: Path, quiet: bool) -> dict:
     from .ensembles import train_members
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
     t0 = time.perf_counter()
     train_members(member_recipes(recipe), run_dir, quiet=quiet)

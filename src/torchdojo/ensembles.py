@@ -12,7 +12,6 @@ validation data. See docs/ensembles.md.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +21,7 @@ from torch.func import functional_call, vmap
 
 from .ensemble import How, combine
 from .errors import DojoError
+from .runfiles import read_json_object
 from .tasks.base import LossTerm, weighted_loss
 
 __all__ = ["StackedEnsemble", "WeightedEnsemble", "ncl_penalty", "weight_distance_penalty",
@@ -367,9 +367,10 @@ class WeightedEnsemble(nn.Module):
 
 
 def _summary(member_dir: Path) -> dict | None:
+    """A member's summary.json, None if it is missing or unreadable (the member is then trained again)."""
     try:
-        return json.loads((member_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_object(member_dir / "summary.json")
+    except DojoError:
         return None
 
 

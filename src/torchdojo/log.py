@@ -6,12 +6,14 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import runfiles
 from .atomic import atomic_write_text
 
 
@@ -53,16 +55,26 @@ class MetricsFile:
     `tensorboard` sink, the same lines also go to TensorBoard."""
 
     def __init__(self, path: Path, keep_lines: int | None = None, tensorboard: TensorBoardSink | None = None):
-        """`keep_lines`: on resume, keep only the lines written before the checkpoint (a checkpoint
-        records how many there were); the rest will be produced again."""
+        """`keep_lines`: on resume, keep only the first `keep_lines` lines (a checkpoint records how many
+        had been written when it was saved); the rest will be produced again.
+
+        An existing file is read line by line, so a damaged one (a line cut by a crash, a stray byte, a
+        garbage line) costs only its bad lines: they are dropped with a warning (`dropped` says how
+        many), and the file is rewritten from the lines that parse. Appending to it as it was would
+        leave a file that `dojo report` and `dojo compare` refuse."""
         self.path, self.tensorboard = path, tensorboard
-        lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        if keep_lines is not None and keep_lines < len(lines):
-            # Cut back atomically: a kill during the rewrite must not lose lines the checkpoint covers.
-            lines = lines[:keep_lines]
-            atomic_write_text(path, "".join(line + "\n" for line in lines))
-        self.lines = len(lines)
-        self._fh = path.open("a")
+        scan = runfiles.scan_metrics(runfiles.read_bytes(path)) if path.exists() else runfiles.MetricsScan()
+        texts = scan.texts if keep_lines is None else scan.texts[:keep_lines]
+        self.dropped = len(scan.bad)
+        if self.dropped:
+            line, why = scan.bad[0]
+            warnings.warn(f"{path}: dropped {self.dropped} line(s) that do not parse (line {line}: {why})",
+                          stacklevel=2)
+        if self.dropped or len(texts) < len(scan.texts) or scan.unterminated:
+            # Atomically: a kill during the rewrite must not lose lines the checkpoint covers.
+            atomic_write_text(path, "".join(text + "\n" for text in texts))
+        self.lines = len(texts)
+        self._fh = path.open("a", encoding="utf-8")
 
     def write(self, entry: dict) -> None:
         self._fh.write(json.dumps(entry, allow_nan=True) + "\n")
@@ -78,7 +90,8 @@ class MetricsFile:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every line of a metrics.jsonl; a damaged line is a DojoError naming the file and the line."""
+    return runfiles.read_metrics(path)
 
 
 def fmt(value) -> str:

@@ -36,6 +36,8 @@ import click
 from .cli_errors import handle_errors
 from .compare import _dir_name, _num, _read_summary, _same_recipe, _signed, wide_console
 from .errors import DojoError
+from .run_lock import LOCK_NAME
+from .runfiles import read_json_object
 
 JSON_NAME = "pair_search.json"
 MD_NAME = "pair_search.md"
@@ -124,10 +126,7 @@ def check_same_data(recipe, run: Path) -> None:
                 f"rows of this test split, and its inputs may be prepared differently. Use the runs' data "
                 f"section and split (e.g. override data.split_seed={theirs.get('split_seed')!r})")
     info = run / "data_info.json"
-    try:
-        task_type = json.loads(info.read_text(encoding="utf-8")).get("task_type")
-    except (OSError, ValueError):
-        task_type = None
+    task_type = read_json_object(info).get("task_type") if info.is_file() else None
     if task_type not in (None, "classification"):
         raise DojoError(f"{run} is a {task_type} run; pair-search compares classifiers (accuracy, disagreement)")
 
@@ -165,7 +164,8 @@ def plan_jobs(source: str, overrides: Sequence[str], paths: Sequence[Path], labe
             raise DojoError(f"{label}: {exc}") from None
         job = Job(combo, label, name, recipe)
         run_dir = out / name
-        if run_dir.is_dir() and any(run_dir.iterdir()):
+        # A lone .lock: a run stopped before it wrote anything.
+        if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
             status = (_read_summary(run_dir) or {}).get("status")
             if not _same_recipe(run_dir, recipe.to_yaml()):
                 raise DojoError(f"{run_dir} holds another recipe than {label}; choose another --out")

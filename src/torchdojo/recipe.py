@@ -6,11 +6,12 @@ is one `ConfigError` naming the key path and the valid choices."""
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import pydantic
 import yaml
@@ -18,7 +19,53 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .data.bundle import SPLIT_KEYS
 from .errors import ConfigError, DojoError, choices_text, did_you_mean
-from .registry import AUGMENTS, DATASETS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS, load_plugins
+from .registry import (AUGMENTS, DATASETS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS, load_plugins,
+                       shown)
+from .schedules import MAX_EPOCHS, Clock, Schedule
+
+# Bounds on every count a recipe sets: beyond them nothing can run, and a huge value would make the trainer
+# allocate and loop for minutes before failing somewhere deep inside.
+MAX_STEPS = 10 ** 9          # steps of a phase, log/checkpoint intervals, loss-weight ramps
+MAX_BATCH = 10 ** 6          # rows in a batch (training, scheduled and evaluation), micro-batches
+MAX_COUNT = 10 ** 9          # other counts: checkpoints kept, skipped steps in a row, training rows
+# Seeds: [0, 2**31 - 1]. The data split draws with seed, seed + 1 and seed + 2 through scikit-learn, whose
+# random_state must be below 2**32; numpy and torch take any of these.
+MAX_SEED = 2 ** 31 - 1
+MAX_NAME_BYTES = 200         # the run directory is <name>-<timestamp>: file names end at 255 bytes
+# Nodes of a YAML document counted with its aliases expanded: real recipes have under 1,000, while a few
+# lines of nested anchors (`b: &b [*a, *a, ...]`) expand to billions and would exhaust memory.
+MAX_YAML_NODES = 100_000
+
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Epochs = Annotated[float, Field(gt=0, le=MAX_EPOCHS)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+
+
+def _seed(value: int) -> int:
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"a seed is between 0 and {MAX_SEED} (2**31 - 1)")
+    return value
+
+
+Seed = Annotated[int, pydantic.AfterValidator(_seed)]
+
+
+def _plain_name(value: str, hint: str = "") -> str:
+    """A name is a word for people, metrics and directory names, never a path."""
+    bad = next((s for s in ("/", "\\", "..", "\x00") if s in value), None)
+    if bad is not None:
+        raise ValueError(f"a name cannot contain {bad!r}: it is a name, not a path{hint}")
+    if not value.strip():
+        raise ValueError(f"a name cannot be empty{hint}")
+    if len(value.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ValueError(f"a name is at most {MAX_NAME_BYTES} bytes long{hint}")
+    return value
+
+
+Name = Annotated[str, pydantic.AfterValidator(_plain_name)]
+# The recipe's name also names its default run directory, runs/<name>-<timestamp>.
+RunName = Annotated[str, pydantic.AfterValidator(
+    lambda v: _plain_name(v, " (the run directory is runs/<name>-<timestamp>; choose another place with --run-dir)"))]
 
 
 class _Strict(BaseModel):
@@ -39,7 +86,7 @@ class DataSpec(BaseModel):
     name: str
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: Optional[int] = None          # default: the recipe's seed
+    split_seed: Optional[Seed] = None         # default: the recipe's seed
     standardize: Optional[bool] = None        # default: yes for tables
     imbalance: Optional[ImbalanceSpec] = None
     sampler: Literal["uniform", "balanced"] = "uniform"   # balanced: class-balanced training batches
@@ -50,7 +97,7 @@ class DataSpec(BaseModel):
     # target task with disjoint classes.
     classes: Optional[list[int]] = Field(None, min_length=2)
     # Keep only this many training rows (stratified, drawn with the split seed): a small labelled set.
-    train_size: Optional[int] = Field(None, ge=1)
+    train_size: Optional[int] = Field(None, ge=1, le=MAX_COUNT)
     # Unlabelled rows for semi-supervised tasks: `true` takes the training rows beyond train_size (labels
     # dropped); a path takes the array `x` of that NPZ file.
     unlabeled: Union[bool, str] = False
@@ -78,9 +125,9 @@ class ParamGroupsSpec(_Strict):
 class BatchSizeSchedule(_Strict):
     """A batch size that grows inside a phase: start * factor**(epochs // every_epochs), at most end
     (Smith et al. 2017, arXiv 1711.00489: grow the batch instead of decaying the LR)."""
-    start: int = Field(gt=0)
-    end: int = Field(gt=0)
-    every_epochs: float = Field(gt=0)
+    start: BatchSize
+    end: BatchSize
+    every_epochs: Epochs
     factor: float = Field(2.0, gt=1)
 
     def at(self, epoch: int) -> int:
@@ -94,13 +141,13 @@ class BatchSizeSchedule(_Strict):
 class PhaseSpec(_Strict):
     """One training stage. `optimizer`, `batch_size` and `losses` carry over from the previous phase
     when left out (the optimizer then keeps its state); `schedule` and `freeze` do not."""
-    name: Optional[str] = None
-    epochs: Optional[float] = Field(None, gt=0)
-    steps: Optional[int] = Field(None, gt=0)
-    batch_size: Optional[Union[int, BatchSizeSchedule]] = None
+    name: Optional[Name] = None
+    epochs: Optional[Epochs] = None
+    steps: Optional[Steps] = None
+    batch_size: Optional[Union[int, BatchSizeSchedule]] = None      # an int is checked in validate_recipe
     # Gradient accumulation: each batch is split into this many micro-batches whose gradients add up
     # to the whole batch's, so `batch_size` keeps its meaning and only peak memory drops.
-    accumulate: Optional[int] = Field(None, ge=1)
+    accumulate: Optional[BatchSize] = None
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"   # scale LRs with batch size / the optimizer's
     optimizer_state: Literal["fresh", "carry"] = "fresh"      # carry: keep the same optimizer's state
     optimizer: Optional[dict[str, Any]] = None
@@ -116,10 +163,10 @@ class PhaseSpec(_Strict):
 class TTASpec(_Strict):
     """Test-time augmentation: every input seen as is and under `views` random augmentations, the
     outputs combined. `augment` defaults to the last phase's list without label-mixing transforms."""
-    views: int = Field(8, ge=0)
+    views: int = Field(8, ge=0, le=1024)      # each view is one more pass over the split
     combine: Literal["mean_prob", "mean_logprob", "mean"] = "mean_prob"
     augment: Optional[list[dict[str, Any]]] = None
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EnsembleSpec(_Strict):
@@ -135,19 +182,19 @@ class EnsembleSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    every_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(1024, ge=1)
+    every_epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
+    batch_size: BatchSize = 1024
     tta: Optional[TTASpec] = None
 
 
 class CheckpointSpec(_Strict):
-    every_epochs: Optional[int] = Field(1, ge=1)
-    every_steps: Optional[int] = Field(None, ge=1)
-    keep_last: int = Field(2, ge=1)
+    every_epochs: Optional[int] = Field(1, ge=1, le=MAX_EPOCHS)
+    every_steps: Optional[Steps] = None
+    keep_last: int = Field(2, ge=1, le=MAX_COUNT)
 
 
 class LogSpec(_Strict):
-    every_steps: int = Field(10, ge=1)
+    every_steps: Steps = 10
     tensorboard: bool = True                  # also write every metrics line to the run's tb/ folder
 
 
@@ -158,7 +205,7 @@ class NonFiniteSpec(_Strict):
     restores the last good checkpoint, multiplies the LR by `lr_factor` and goes on, raising after
     more than `max_consecutive` rollbacks to the same checkpoint."""
     policy: str = "raise"
-    max_consecutive: int = Field(5, ge=1)
+    max_consecutive: int = Field(5, ge=1, le=MAX_COUNT)
     lr_factor: float = Field(0.5, gt=0, le=1)     # rollback only
 
     @pydantic.field_validator("policy")
@@ -190,9 +237,9 @@ class InitSpec(_Strict):
 
 
 class Recipe(_Strict):
-    name: str
+    name: RunName
     description: str = ""
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     # bf16: the training forward pass and loss under torch.autocast(bfloat16); weights, gradients and the
     # optimizer stay float32, and evaluation runs in float32.
@@ -252,6 +299,21 @@ class Recipe(_Strict):
                 return p.losses
         return TASKS.get(self.task["name"]).factory.default_losses
 
+    def schedule(self, i: int, steps: int, clock: Clock) -> Schedule:
+        """Phase i's LR schedule over its `steps` steps; a bad segment or combination is a ConfigError."""
+        path = f"phases.{i}"
+        try:
+            segments = [SCHEDULES.build(spec, f"{path}.schedule.{j}") for j, spec in enumerate(self.phases[i].schedule)]
+            return Schedule(segments, steps, clock)
+        except ValueError as exc:
+            raise ConfigError(f"{path}.schedule", str(exc)) from None
+
+    def check_schedules(self, plan: list[tuple[int, Clock]]) -> None:
+        """Build every phase's schedule once for `plan` ((steps, clock) per phase), so that a dry run
+        (param-groups, lr-find) refuses what training would refuse when it reaches the phase."""
+        for i, (steps, clock) in enumerate(plan):
+            self.schedule(i, steps, clock)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -259,7 +321,41 @@ class Recipe(_Strict):
 # -- reading -------------------------------------------------------------------------------------
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that rejects duplicate keys instead of silently keeping the last one."""
+    """safe_load that rejects duplicate keys instead of silently keeping the last one, documents whose
+    aliases expand past MAX_YAML_NODES nodes, and integers too long for int()."""
+
+    def construct_document(self, node):
+        # Checked on the composed node graph, where an alias is the same node object as its anchor, so the
+        # count is memoized per node and linear in the text, before anything is constructed or expanded.
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the document expands to more than {MAX_YAML_NODES:,} values through its aliases "
+                            "(*name); a recipe needs far fewer, so write the values out", node.start_mark)
+        return super().construct_document(node)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:      # Python's int() stops at 4,300 digits
+            raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value):,} digits is too "
+                                                    "large for any recipe key", node.start_mark) from None
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int | None]) -> int:
+    """Nodes under `node` with aliases expanded; an alias cycle (an anchor used inside itself) counts as
+    unbounded. `sizes` memoizes per node id (None: being counted)."""
+    key = id(node)
+    if key in sizes:
+        return MAX_YAML_NODES + 1 if sizes[key] is None else sizes[key]
+    sizes[key] = None
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[key] = size
+    return size
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -279,6 +375,7 @@ def _construct_mapping(loader, node, deep=False):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -349,10 +446,12 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def _list_index(items: list, part: str, where: str) -> int:
-    if part.lstrip("-").isdigit():
-        index = int(part)
+    if re.fullmatch(r"-?[0-9]+", part):
+        # A long digit string is out of range anyway (and int() refuses more than 4,300 digits).
+        index = int(part) if len(part) <= 18 else len(items)
         if not -len(items) <= index < len(items):
-            raise ConfigError(where, f"index {index} is out of range (the list has {len(items)} items)")
+            shown_part = part if len(part) <= 20 else part[:20] + "..."
+            raise ConfigError(where, f"index {shown_part} is out of range (the list has {len(items)} items)")
         return index
     names = [item.get("name") for item in items if isinstance(item, dict)]
     if part in names:
@@ -378,9 +477,23 @@ def _model_at(model: type, loc: tuple) -> type | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+def _union_error(errors: list[dict]) -> tuple[dict, tuple]:
+    """(error, key path) to report. A value that fits no member of a union (`batch_size: int |
+    BatchSizeSchedule`) gets one error per member, each under the member's name (`batch_size.int`,
+    `batch_size.BatchSizeSchedule.end`): report the deepest, the member the value was written for, without
+    the member's name in the path."""
+    err, loc = errors[0], tuple(errors[0]["loc"])
+    if not loc or not isinstance(loc[-1], str) or _model_at(Recipe, loc[:-1]) is not None:
+        return err, loc         # a key of a model: no union here
+    n = len(loc) - 1
+    members = [e for e in errors if tuple(e["loc"])[:n] == loc[:n] and len(e["loc"]) > n]
+    best = max(members, key=lambda e: len(e["loc"]))      # the first of the deepest
+    best_loc = tuple(best["loc"])
+    return best, best_loc[:n] + best_loc[n + 1:]
+
+
 def _structure_error(exc: pydantic.ValidationError) -> ConfigError:
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
+    err, loc = _union_error(exc.errors())
     path = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
         parent = _model_at(Recipe, loc[:-1])
@@ -395,7 +508,7 @@ def _structure_error(exc: pydantic.ValidationError) -> ConfigError:
         return ConfigError(path, f"unknown key '{key}'{hint}; valid keys: {choices_text(valid)}")
     if err["type"] == "missing":
         return ConfigError(path, "required key is missing")
-    return ConfigError(path, f"{err['msg']} (got {err.get('input')!r})")
+    return ConfigError(path, f"{err['msg'].removeprefix('Value error, ')} (got {shown(err.get('input'))})")
 
 
 def validate_recipe(raw: dict) -> Recipe:
@@ -433,11 +546,15 @@ def validate_recipe(raw: dict) -> Recipe:
         path = f"phases.{i}"
         if (phase.epochs is None) == (phase.steps is None):
             raise ConfigError(path, "a phase needs exactly one of `epochs` or `steps`")
-        if phase.name is not None and phase.name in names:
-            raise ConfigError(f"{path}.name", f"phase name '{phase.name}' is used twice")
-        names.add(phase.name)
+        name = recipe.phase_name(i)     # an unnamed phase is called phase<i>: it may not clash either
+        if name in names:
+            unnamed = f" (phase {i} has no name, so it is called '{name}')" if phase.name is None else ""
+            raise ConfigError(f"{path}.name", f"phase name '{name}' is used twice{unnamed}")
+        names.add(name)
         if isinstance(phase.batch_size, int) and phase.batch_size < 1:
             raise ConfigError(f"{path}.batch_size", f"must be greater than 0 (got {phase.batch_size})")
+        if isinstance(phase.batch_size, int) and phase.batch_size > MAX_BATCH:
+            raise ConfigError(f"{path}.batch_size", f"must be at most {MAX_BATCH} (got {shown(phase.batch_size)})")
         if isinstance(phase.batch_size, BatchSizeSchedule) and phase.batch_size.end < phase.batch_size.start:
             raise ConfigError(f"{path}.batch_size.end", "must be at least `start`")
         if phase.optimizer_state == "carry":
@@ -482,10 +599,10 @@ class LossWeightSchedule(_Strict):
     then ramped up to `value` over `ramp_steps`/`ramp_epochs`, linearly or along the sigmoid-shaped
     curve exp(-5 (1 - x)^2) of Laine & Aila 2016 (arXiv 1610.02242)."""
     value: float = 1.0
-    start_step: Optional[int] = Field(None, ge=0)
-    start_epoch: Optional[float] = Field(None, ge=0)
-    ramp_steps: Optional[int] = Field(None, ge=0)
-    ramp_epochs: Optional[float] = Field(None, ge=0)
+    start_step: Optional[int] = Field(None, ge=0, le=MAX_STEPS)
+    start_epoch: Optional[float] = Field(None, ge=0, le=MAX_EPOCHS)
+    ramp_steps: Optional[int] = Field(None, ge=0, le=MAX_STEPS)
+    ramp_epochs: Optional[float] = Field(None, ge=0, le=MAX_EPOCHS)
     shape: Literal["linear", "sigmoid"] = "linear"
 
     @pydantic.model_validator(mode="after")

@@ -16,6 +16,10 @@ import pydantic
 
 from .errors import ConfigError, choices_text, did_you_mean
 
+# The largest integer a component option may be (either sign): counts, widths and seeds beyond it cannot
+# run, and torch, numpy and scikit-learn would turn them into overflows, huge allocations or hangs.
+MAX_INT_OPTION = 2 ** 31 - 1
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -114,6 +118,8 @@ class Registry:
             valid = list(schema.model_fields) + list(extra_keys)
             raise _first_error(exc, path, valid, f"{self.kind} '{entry.name}'") from None
         options = validated.model_dump()
+        for key, value in options.items():
+            _check_ints(value, f"{path}.{key}" if path else key)
         for key in entry.nested:
             inner = options[key]
             options[key] = {"name": inner.get("name") if isinstance(inner, dict) else None,
@@ -131,6 +137,24 @@ class Registry:
             raise ConfigError(path, f"{self.kind} '{entry.name}': {exc}") from None
 
 
+def _check_ints(value: Any, path: str) -> None:
+    """Refuse any integer (in lists and mappings too) beyond MAX_INT_OPTION."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_OPTION:
+        raise ConfigError(path, f"must be between -{MAX_INT_OPTION} and {MAX_INT_OPTION} (got {shown(value)})")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        _check_ints(item, f"{path}.{key}")
+
+
+def shown(value: Any, limit: int = 100) -> str:
+    """repr(value) cut to `limit` characters, for messages that quote what the user wrote."""
+    try:
+        text = repr(value)
+    except ValueError:      # an integer of more than 4,300 digits: Python refuses to print it
+        text = f"a {type(value).__name__} with an integer too long to print"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _first_error(exc: pydantic.ValidationError, path: str, valid: list[str], what: str) -> ConfigError:
     """Turn pydantic's first error into one ConfigError with the full dotted key path."""
     err = exc.errors()[0]
@@ -142,7 +166,7 @@ def _first_error(exc: pydantic.ValidationError, path: str, valid: list[str], wha
                                  f"valid keys: {choices_text(valid) or '(none)'}")
     if err["type"] == "missing":
         return ConfigError(full, f"required key is missing for {what}")
-    return ConfigError(full, f"{err['msg']} (got {err.get('input')!r})")
+    return ConfigError(full, f"{err['msg']} (got {shown(err.get('input'))})")
 
 
 OPTIMIZERS = Registry("optimizer")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import re
 import warnings
@@ -45,6 +44,7 @@ from .atomic import atomic_write_text
 from .cli_errors import handle_errors
 from .errors import DojoError
 from .log import fmt
+from .runfiles import read_bytes, read_summary, scan_metrics
 
 REPORT_HTML = "report.html"
 REPORT_DIR = "report"
@@ -94,8 +94,9 @@ def _number(v) -> float | None:
 
 
 def read_run(run_dir: str | Path) -> Run:
-    """summary.json, metrics.jsonl and recipe.yaml of a run; unreadable parts become notes, not errors.
-    A directory with none of the three is not a run: DojoError."""
+    """summary.json, metrics.jsonl and recipe.yaml of a run. A directory with none of the three is not a
+    run: DojoError; so is a damaged summary.json or metrics.jsonl, naming the file (and line). The
+    unfinished last line of a run still writing (or killed while writing) is left out with a note."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DojoError(f"report: {run_dir} is not a directory")
@@ -103,31 +104,17 @@ def read_run(run_dir: str | Path) -> Run:
     if not any(f.is_file() for f in files):
         raise DojoError(f"report: {run_dir} is not a run directory (no summary.json, metrics.jsonl or recipe.yaml)")
     notes: list[str] = []
-    summary: dict = {}
-    if files[0].is_file():
-        try:
-            summary = json.loads(files[0].read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            notes.append(f"summary.json cannot be read ({exc})")
-        if not isinstance(summary, dict):
-            summary = {}
+    summary = read_summary(files[0]) if files[0].is_file() else {}
     lines: list[dict] = []
     if files[1].is_file():
-        bad = 0
-        for text in files[1].read_text(encoding="utf-8", errors="replace").splitlines():
-            if not text.strip():
-                continue
-            try:
-                entry = json.loads(text)
-            except ValueError:
-                entry = None
-            if isinstance(entry, dict):
-                lines.append(entry)
-            else:
-                bad += 1
-        if bad:
-            notes.append(f"metrics.jsonl: {bad} unreadable line(s) skipped")
-    recipe_text = files[2].read_text(encoding="utf-8", errors="replace") if files[2].is_file() else None
+        scan = scan_metrics(read_bytes(files[1]))
+        scan.check(files[1])
+        lines = scan.entries
+        if scan.torn:
+            notes.append("metrics.jsonl: 1 unreadable line(s) skipped")
+    # Only shown here (a bad byte as U+FFFD); load_model rebuilds the run through the recipe loader,
+    # whose one-line error about a damaged recipe.yaml becomes a note.
+    recipe_text = read_bytes(files[2]).decode("utf-8", errors="replace") if files[2].is_file() else None
     return Run(run_dir, summary, lines, recipe_text, notes)
 
 

@@ -24,6 +24,7 @@ import click
 
 from .cli_errors import handle_errors
 from .errors import DojoError
+from .runfiles import read_json_object, read_metrics_tolerant
 
 RUN_MARKERS = ("summary.json", "recipe.yaml", "metrics.jsonl", "checkpoints")
 # The timestamp default run directories end with (`quickstart-20250101-120000`, `compare-...`).
@@ -65,10 +66,8 @@ def read_status(run_dir: Path) -> tuple[str, dict]:
     if not path.exists():
         return "incomplete", {}
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "unknown", {}
-    if not isinstance(summary, dict):
+        summary = read_json_object(path)
+    except DojoError:          # listed, not refused: the other runs still show
         return "unknown", {}
     status = summary.get("status")
     return (status if isinstance(status, str) and status else "unknown"), summary
@@ -85,18 +84,10 @@ def scan_metrics(path: Path) -> dict[str, Any]:
     best: dict[str, dict] = {}
     last_step = None
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        entries, _ = read_metrics_tolerant(path)      # lines that do not parse (a run writing one) are left out
+    except DojoError:
         return {"best": best, "last_step": None}
-    for line in text.splitlines():
-        if '"step"' not in line:
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:         # a line cut by a crash
-            continue
-        if not isinstance(entry, dict):
-            continue
+    for entry in entries:
         step = entry.get("step")
         if isinstance(step, int):
             last_step = step if last_step is None else max(last_step, step)

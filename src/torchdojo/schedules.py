@@ -18,6 +18,11 @@ from typing import Callable, Literal
 import torch
 
 
+# The most epochs a clock counts: it walks epoch by epoch (steps per epoch may change with a scheduled
+# batch size), so a phase, or a schedule segment, lasting 1e30 epochs would otherwise take forever.
+MAX_EPOCHS = 10 ** 6
+
+
 class Clock:
     """Step <-> epoch conversion inside a phase whose epoch k has `steps_in_epoch(k)` steps."""
 
@@ -26,6 +31,8 @@ class Clock:
         self._starts = [0]                      # first step of each epoch, grown lazily
 
     def _epoch_start(self, k: int) -> int:
+        if k > MAX_EPOCHS + 1:      # + 1: epoch_at looks one epoch past the one it returns
+            raise ValueError(f"reaches past epoch {MAX_EPOCHS} of the phase; a phase spans at most {MAX_EPOCHS} epochs")
         while len(self._starts) <= k:
             self._starts.append(self._starts[-1] + self._spe(len(self._starts) - 1))
         return self._starts[k]
@@ -114,13 +121,17 @@ def cosine_restarts(cycles: int | None = None, cycle_steps: int | None = None, c
     _need_one("cosine_restarts", cycles=cycles, cycle_steps=cycle_steps, cycle_epochs=cycle_epochs)
     if cycle_mult < 1.0 or not 0.0 < peak_decay <= 1.0 or (cycles is not None and cycles < 1):
         raise ValueError("cosine_restarts: cycles >= 1, cycle_mult >= 1, 0 < peak_decay <= 1")
+    if cycles is not None and cycles * math.log(cycle_mult) > 700:      # cycle_mult ** cycles: past 1e304
+        raise ValueError("cosine_restarts: cycle_mult ** cycles is too large to compute (the first cycle would "
+                         "be shorter than a step)")
 
     def bounds(n: int, epochs_since) -> list[int]:
         """Cycle end steps (from the segment start), the last one being n."""
         if cycles is not None:
-            unit = n * (cycle_mult - 1) / (cycle_mult ** cycles - 1) if cycle_mult > 1 else n / cycles
+            count = min(cycles, n)      # n steps hold at most n cycles: never a list longer than the segment
+            unit = n * (cycle_mult - 1) / (cycle_mult ** count - 1) if cycle_mult > 1 else n / count
             return [max(1, round(unit * ((cycle_mult ** (i + 1) - 1) / (cycle_mult - 1) if cycle_mult > 1 else i + 1)))
-                    for i in range(cycles - 1)] + [n]
+                    for i in range(count - 1)] + [n]
         first = cycle_steps if cycle_steps is not None else None
         ends, length, start = [], None, 0
         while start < n:
@@ -296,10 +307,12 @@ class Schedule:
         fill = open_ended[0] if open_ended else len(self.segments)
         lengths: list[int] = [0] * len(self.segments)
         # Segments before the open-ended one are laid out from the phase start, those after it back
-        # from the phase end, so an epoch-long segment spans the epochs where it really lies.
+        # from the phase end, so an epoch-long segment spans the epochs where it really lies. A segment
+        # that starts after the phase's end is never reached: the clock is not walked past the end for it
+        # (a 10**9-step warmup in a short phase costs nothing).
         start = 0
         for i in range(fill):
-            lengths[i] = self._length(self.segments[i], start, forward=True)
+            lengths[i] = self._length(self.segments[i], min(start, total_steps), forward=True)
             start += lengths[i]
         if open_ended:
             end = total_steps
@@ -309,7 +322,7 @@ class Schedule:
             lengths[fill] = max(1, end - start)
         self.lengths = lengths
         self.starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        self._since = [self._epochs_since(s) for s in self.starts]
+        self._since = [self._epochs_since(min(s, total_steps)) for s in self.starts]
 
     def _length(self, seg: Segment, at: int, forward: bool) -> int:
         """Steps of a segment starting (forward) or ending (not forward) at step `at`."""

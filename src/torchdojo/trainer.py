@@ -34,6 +34,8 @@ from .methods import HOOKS, GradClip, Method
 from .optim.param_groups import apply_lr_mult, param_groups
 from .pretrained import load_pretrained
 from .recipe import BALANCED_OPTIONS, LossWeightSchedule, Recipe, load_recipe
+from .run_lock import acquire_run_dir
+from .runfiles import read_json_object
 from .registry import AUGMENTS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
 from .schedules import Clock, Schedule
 from .sync_batchnorm import convert_sync_batchnorm
@@ -268,6 +270,8 @@ class Trainer:
                                            f"data '{recipe.data.name}' is a {data.info.task_type} dataset")
         build = lambda: MODELS.build(recipe.model, "model", input_shape=tuple(data.info.input_shape),  # noqa: E731
                                      num_outputs=data.info.num_outputs)
+        from .models.size import check_model_size       # counted on the meta device before anything is allocated
+        check_model_size(build, recipe.model["name"], copies=recipe.ensemble.members if recipe.ensemble else 1)
         self.ensemble = recipe.ensemble          # joint members: one StackedEnsemble is the model
         if self.ensemble is not None:
             model = self._stacked_ensemble(build, task, data).to(self.device)
@@ -296,6 +300,7 @@ class Trainer:
         self._augments = [self.build_augment(recipe.augment(i), f"phases.{i}.augment")
                           for i in range(len(recipe.phases))]
         self.phase_plan = [self._phase_length(i) for i in range(len(recipe.phases))]
+        recipe.check_schedules(self.phase_plan)     # here, not only in fit: param-groups refuses what train would
         self.total_steps = sum(steps for steps, _ in self.phase_plan)
         self.reporter = reporter or Reporter(self.total_steps, quiet=quiet)
         self._optimizer_phase = -1
@@ -324,6 +329,7 @@ class Trainer:
             # dropout masks (and other training noise) for its own rows. Rank 0 keeps the seed's stream,
             # as in one process. Checkpoints hold each rank's state, so resume stays exact.
             seed_everything(int(np.random.SeedSequence([recipe.seed, self.dist.rank]).generate_state(1)[0]))
+        StoppedBySignal.raise_pending()      # data and model built: a swallowed stop during setup ends here
 
     # -- building pieces -------------------------------------------------------------------------
 
@@ -539,7 +545,29 @@ class Trainer:
             self.run_dir = s.run_dir = None
             self.quiet = True
             self.reporter = Reporter(self.total_steps, quiet=True)
-        self._run = self._open_run()
+        StoppedBySignal.raise_pending()      # a stop during setup that C code swallowed: before any write
+        # One writer per run directory (`dojo train`/`resume` already hold it: this only counts up). Taken
+        # before anything is written, and outside the `try` below, whose failure summary would otherwise
+        # land in the other writer's run.
+        lock = acquire_run_dir(self.run_dir) if self.run_dir is not None else None
+        try:
+            return self._fit()
+        except StoppedBySignal as stop:
+            stop.handled()      # it reaches the caller now: no fallback exit, nothing left to re-raise
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self) -> dict:
+        s = self.state
+        try:
+            self._run = self._open_run()
+        except OSError as exc:          # no room even for recipe.yaml: no summary can be written either
+            full = self._disk_full(exc)
+            if full is None:
+                raise
+            raise full from None
         if not self.dist.is_main:
             # Counts the lines rank 0 writes, so decisions that depend on them (the checkpoint at a
             # phase end) are the same on every rank: each one is a collective.
@@ -1216,12 +1244,9 @@ class Trainer:
         trainer = cls(recipe, run_dir, quiet=quiet)
         info_file = run_dir / "data_info.json"
         if info_file.is_file():        # the data file may have changed since training (a new label, ...)
-            try:
-                saved = json.loads(info_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise DojoError(f"{info_file} cannot be read: {exc}") from None
+            saved = read_json_object(info_file)
             source = getattr(recipe.data, "path", None) or f"data '{recipe.data.name}'"
-            trainer.state.data.info.check_same_data(saved, str(source))
+            trainer.state.data.info.check_same_data(saved, str(source), str(info_file))
         if checkpoint is not None:            # asked for explicitly: refuse it if invalid, no fallback
             trainer.load_checkpoint(Path(checkpoint))
             return trainer

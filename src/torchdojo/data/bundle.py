@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DojoError
+from ..runfiles import kind_of
 from .raw import RawDataset
 
 # `data:` keys that make_bundle and the trainer handle, not the dataset factory.
@@ -62,12 +63,18 @@ class DataInfo:
             x = (x - np.asarray(self.x_mean, np.float32).reshape(shape)) / np.asarray(self.x_std, np.float32).reshape(shape)
         return torch.from_numpy(np.ascontiguousarray(x))
 
-    def check_same_data(self, saved: dict, source: str) -> None:
-        """Refuse data that no longer fits a trained run. `saved` is the run's `data_info.json` and this
-        the info of the data as it reads now (a CSV may have been edited since): a new label, a lost
-        class, another shape or other feature columns would not match the model's weights."""
+    def check_same_data(self, saved: dict, source: str, info_file: str = "the run's data_info.json") -> None:
+        """Refuse data that no longer fits a trained run. `saved` is the run's `data_info.json` (read
+        from `info_file`; a damaged one is a DojoError naming it) and this the info of the data as it
+        reads now (a CSV may have been edited since): a new label, a lost class, another shape or other
+        feature columns would not match the model's weights."""
         from .files import DataError
 
+        if not isinstance(saved, dict):
+            raise DojoError(f"{info_file}: expected a JSON object, found {kind_of(saved)}")
+        for key in ("class_names", "input_shape", "feature_names"):
+            if not isinstance(saved.get(key) or [], list):
+                raise DojoError(f"{info_file}: \"{key}\" must be a list, found {kind_of(saved[key])}")
         if saved.get("task_type") != self.task_type:
             raise DataError(f"{source}: the data now reads as {self.task_type} data; the run was trained on "
                             f"{saved.get('task_type')} data")

@@ -15,7 +15,6 @@ given as a list: their `Ensemble` (mean of the probabilities; its log-probabilit
 logits) is the teacher."""
 from __future__ import annotations
 
-import json
 import math
 import random
 import warnings
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import DojoError
+from ..runfiles import read_json_object
 from ..losses import CrossEntropy, DistillationLoss
 from .classify import Classify
 
@@ -135,9 +135,9 @@ def _finished_run_info(run: Path) -> dict:
         raise DojoError(f"task.teacher: the teacher run {run} has not finished (no checkpoints/final/{WEIGHTS}); "
                         f"finish it first, e.g. with: dojo resume {run}")
     try:
-        info = json.loads((run / "data_info.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise DojoError(f"task.teacher: cannot read {run / 'data_info.json'}: {exc}") from None
+        info = read_json_object(run / "data_info.json")
+    except DojoError as exc:
+        raise DojoError(f"task.teacher: {exc}") from None
     if info.get("task_type") != "classification":
         raise DojoError(f"task.teacher: the teacher run {run} is a {info.get('task_type')} run; "
                         "distillation needs a classification teacher")
