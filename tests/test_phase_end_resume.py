@@ -177,3 +177,21 @@ def test_sigkill_at_every_file_system_call_of_a_phase_end_and_the_finish(referen
         except AssertionError as exc:
             raise AssertionError(f"killed at file-system call {kill_at} of {total}: {exc}") from None
         shutil.rmtree(run)
+
+
+def test_a_checkpoint_written_after_early_stopping_decided_resumes_to_the_same_stop(tmp_path):
+    """The epoch's checkpoint follows its validation, so it can be written after early stopping decided
+    to stop; a resume from it must stop too, not train the rest of the phases."""
+    r = make_tiny_recipe()
+    r["methods"] = [{"name": "early_stopping", "patience": 1, "min_delta": 100.0}]    # stops at the 2nd eval
+    r["checkpoint"] = {"every_epochs": 1, "keep_last": 100}
+    ref = tmp_path / "ref"
+    summary = Trainer(load_recipe(r), ref, quiet=True).fit()
+    assert summary["stop_reason"] and summary["steps"] == 16
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    _cut_back_to(run, "step-00000016")
+    result = CliRunner().invoke(main, ["resume", str(run), "-q"])
+    assert result.exit_code == 0, result.output
+    _assert_same_run(run, ref)
+    assert json.loads((run / "summary.json").read_text())["stop_reason"] == summary["stop_reason"]

@@ -266,3 +266,15 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_exit_75_and_resumes_after(t
     assert result.exit_code == 0, result.output
     Trainer(load_recipe(r), tmp_path / "reference", quiet=True).fit()
     assert_same_weights(final_weights(tmp_path / "moved"), final_weights(tmp_path / "reference"))
+
+
+def test_a_manifest_nested_100k_levels_deep_is_one_line_not_a_recursion_error(plain):
+    deep = "[" * 100_000 + "]" * 100_000
+    (plain / "checkpoints" / "final" / MANIFEST).write_text(deep)
+    _one_line_error(_invoke("eval", plain, "-q"), "unreadable manifest.json")
+    _unfinish(plain)
+    newest = list_checkpoints(plain / "checkpoints")[-1]
+    (newest / MANIFEST).write_text(deep)
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {newest}: unreadable manifest.json"):
+        result = _invoke("resume", plain, "-q")
+    assert result.exit_code == 0, result.output

@@ -75,6 +75,8 @@ def check_state(state, *, phase_steps: list[int], methods: int, where: str) -> N
             raise bad(key, f"is {type(state[key]).__name__}, not a mapping")
     if not isinstance(state["recipe"], str):
         raise bad("recipe", "is not text")
+    if not isinstance(state.get("stop_reason"), (str, type(None))):
+        raise bad("stop_reason", "is neither text nor null")
     for key in ("epochs_done", "wall_seconds"):
         if not _is_number(state[key]) or state[key] < 0:
             raise bad(key, f"is {state[key]!r}, not a finite number >= 0")

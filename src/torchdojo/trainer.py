@@ -36,8 +36,8 @@ from .pretrained import load_pretrained
 from .recipe import BALANCED_OPTIONS, LossWeightSchedule, Recipe, load_recipe
 from .run_lock import acquire_run_dir
 from .runfiles import read_json_object
-from .registry import AUGMENTS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULES, TASKS
-from .schedules import Clock, Schedule
+from .registry import AUGMENTS, LOSSES, METHODS, MODELS, OPTIMIZERS, TASKS
+from .schedules import Clock
 from .sync_batchnorm import convert_sync_batchnorm
 from .tasks import LossTerm
 
@@ -447,12 +447,8 @@ class Trainer:
         frozen_ids = {id(p) for n, p in s.model.named_parameters() if n in frozen_names}
         self._group_base = [0.0 if g["params"] and all(id(p) in frozen_ids for p in g["params"]) else g["initial_lr"]
                             for g in s.optimizer.param_groups]
-        try:
-            segments = [SCHEDULES.build(spec, f"{path}.schedule.{j}") for j, spec in enumerate(phase.schedule)]
-            s.schedule = self._schedule = Schedule(segments, s.phase_steps, clock)
-        except ValueError as exc:
-            raise ConfigError(f"{path}.schedule", str(exc)) from None
-        self._has_lr_floor = any(seg.plateau is not None and seg.plateau.min_lr > 0 for seg in segments)
+        s.schedule = self._schedule = self.recipe.schedule(i, s.phase_steps, clock)
+        self._has_lr_floor = any(seg.plateau is not None and seg.plateau.min_lr > 0 for seg in self._schedule.segments)
         self._loss_terms = self.build_losses(i)
         self._accumulate = self.recipe.accumulate(i)
         if self._accumulate > 1:
@@ -512,7 +508,7 @@ class Trainer:
             if key is not None and spec.get(key) == "balanced":
                 if self.state.data.info.task_type != "classification":
                     raise ConfigError(f"phases.{i}.losses.{j}.{key}", "`balanced` weights classes by their "
-                                      f"training counts, so it needs classification data")
+                                      "training counts, so it needs classification data")
                 spec = {**spec, key: self.balanced_class_weights()}
             fn = LOSSES.build(spec, f"phases.{i}.losses.{j}", extra_keys=("weight",)).to(self.device)
             if getattr(fn, "reduction", "mean") == "none":
@@ -714,7 +710,7 @@ class Trainer:
                     self._validate()
                 if ck.every_epochs and s.epoch_in_phase % ck.every_epochs == 0:
                     self._save_checkpoint(t_start)
-            if s.step_in_phase >= s.phase_steps:
+            if s.step_in_phase >= s.phase_steps or s.stop_reason is not None:    # early stopping
                 break
             self._start_epoch()
             for batch in s.loader.epoch(s.epoch_in_phase, start=s.batch_in_epoch):
@@ -1107,7 +1103,7 @@ class Trainer:
                 "epoch_in_phase": s.epoch_in_phase, "batch_in_epoch": s.batch_in_epoch,
                 "epochs_done": s.epochs_done, "optimizer_phase": self._optimizer_phase,
                 "optimizer": s.optimizer.state_dict(), "methods": [m.state_dict() for m in self.methods],
-                "rng": _rng_state(), "last_eval_step": self._last_eval_step,
+                "rng": _rng_state(), "last_eval_step": self._last_eval_step, "stop_reason": s.stop_reason,
                 "loss_meter": self._meter.state_dict(), "metrics_lines": self._lines_logged(),
                 "schedule": self._schedule.state_dict(),
                 "nonfinite": [self._nonfinite_skips, self._nonfinite_in_a_row],
@@ -1222,6 +1218,9 @@ class Trainer:
         # What the next train line reports besides the loss mean: the last step's loss parts and the
         # scalars methods and tasks logged (older checkpoints: none).
         pending = state.get("pending_log", {"parts": {}, "step_logs": {}})
+        # A checkpoint written after early stopping decided to stop (the epoch's save follows its
+        # validation): the resumed run stops there too instead of training on.
+        s.stop_reason = state.get("stop_reason")
         self._last_parts = dict(pending["parts"])
         s.step_logs.clear()
         s.step_logs.update(pending["step_logs"])

@@ -84,8 +84,11 @@ def load_run_encoder(run: str | Path) -> tuple[nn.Module, tuple[int, ...]]:
     if key not in _CACHE:
         state = _rng_state()
         try:
-            trainer = Trainer.from_run_dir(run, quiet=True)
-            model = trainer.trained_models(calibrated=False)[""]
+            # Real tensors even while the caller counts a model on the meta device (models/size.py): the
+            # run's data and weights must load, and the cache must never hold a model without storage.
+            with torch.device("cpu"):
+                trainer = Trainer.from_run_dir(run, quiet=True)
+                model = trainer.trained_models(calibrated=False)[""]
             shape = tuple(trainer.state.data.info.input_shape)
         finally:
             _set_rng_state(state)
