@@ -7,7 +7,8 @@ such values give tracebacks deep in the loop or, worse, a run that says it finis
 or a metrics.jsonl cut back to nothing. `check_state` refuses them with one line naming the key.
 
 The RNG states are tried on throwaway generators, so a malformed one is refused here rather than when
-the run's own generators are already half restored."""
+the run's own generators are already half restored. The optimizer state's shape depends on the optimizer
+(Lookahead nests its inner one): the trainer tries it on a throwaway optimizer of the same phase."""
 from __future__ import annotations
 
 import math
@@ -103,9 +104,6 @@ def check_state(state, *, phase_steps: list[int], methods: int, where: str) -> N
     if not isinstance(state["methods"], list) or len(state["methods"]) != methods \
             or not all(isinstance(m, dict) for m in state["methods"]):
         raise bad("methods", f"does not hold one state per method ({methods})")
-    if not {"state", "param_groups"} <= state["optimizer"].keys() \
-            or not isinstance(state["optimizer"]["param_groups"], list):
-        raise bad("optimizer", "is not an optimizer's state_dict")
     meter = state["loss_meter"]
     if not _is_int(meter.get("count")) or meter["count"] < 0 \
             or not (meter.get("total") is None or isinstance(meter.get("total"), torch.Tensor)):
