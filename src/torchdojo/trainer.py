@@ -318,6 +318,7 @@ class Trainer:
         self._last_val: dict = {}
         self._run: MetricsFile | None = None
         self._nonfinite_skips, self._nonfinite_in_a_row = 0, 0
+        self._first_bad: torch.Tensor | None = None     # `raise`: the first non-finite step since the last read
         self._bf16 = recipe.precision == "bf16"
         self._frozen: list[nn.Module] = []      # the current phase's frozen modules (set per phase)
         self._train_bn = False
@@ -726,6 +727,7 @@ class Trainer:
                     self._stop_for_signal(t_start)
                 if s.step_in_phase >= s.phase_steps:
                     break
+        self._check_watched()       # the phase's last steps since a log point, before anything uses them
         if s.stop_reason is None:
             if self._meter.count:           # the phase's last steps since a log point
                 self._log_train(self._last_parts)
@@ -849,10 +851,8 @@ class Trainer:
         s, policy = self.state, self.recipe.nonfinite.policy
         log_step = (s.step + 1) % self.recipe.log.every_steps == 0
         if policy == "raise" and not log_step:
-            if math.isfinite(loss.item()):
-                return True
-            grads = [(n, p.grad) for n, p in s.model.named_parameters() if p.grad is not None]
-            return self._non_finite(loss, grads, torch._foreach_norm([g for _, g in grads]) if grads else [])
+            self._watch_loss(loss)      # on the device: read on the next log step or checkpoint save
+            return True
         grads = [(n, p.grad) for n, p in s.model.named_parameters() if p.grad is not None]
         norms = torch._foreach_norm([g for _, g in grads]) if grads else []
         grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else loss.new_zeros(())
@@ -860,7 +860,15 @@ class Trainer:
             s.step_logs["train/grad_norm"] = grad_norm.detach()
         if policy == "skip":
             s.step_logs["train/nonfinite_skips"] = self._nonfinite_skips
-        finite = bool(torch.isfinite(grad_norm + loss.detach().float()))
+        finite_now = torch.isfinite(grad_norm + loss.detach().float())
+        if policy == "raise" and self._first_bad is not None:
+            # One read for the window's watched steps and this step together.
+            first_bad, finite = torch.stack([self._first_bad, finite_now.to(self._first_bad.dtype)]).tolist()
+            self._first_bad = None
+            self._raise_watched(first_bad)
+            finite = bool(finite)
+        else:
+            finite = bool(finite_now)
         if self.dist.enabled and policy != "raise":
             # The averaged gradients agree across ranks, but each rank's loss is its own: all ranks skip
             # (or roll back) together. `raise` needs no agreement: the failing rank ends the job.
@@ -869,6 +877,38 @@ class Trainer:
             self._nonfinite_in_a_row = 0
             return True
         return self._non_finite(loss, grads, norms)
+
+    def _watch_loss(self, loss: torch.Tensor) -> None:
+        """`nonfinite: raise` between log steps: remember the first step whose loss is not finite, on the
+        device, without reading anything back (a read per step would stop the host from queueing work
+        ahead of a GPU). A non-finite gradient makes the next step's loss non-finite, so the loss is
+        enough; `_check_watched` reads it on log steps, at phase ends and before every checkpoint."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        step = torch.full((), self.state.step + 1, dtype=torch.int64, device=loss.device)
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+
+    def _check_watched(self) -> None:
+        """Raise NonFiniteError if a watched step had a non-finite loss (one host read, then reset). Called
+        before a checkpoint is saved, so no checkpoint ever holds a model updated from a NaN."""
+        if self._first_bad is not None:
+            first_bad, self._first_bad = int(self._first_bad), None
+            self._raise_watched(first_bad)
+
+    def _raise_watched(self, step: int) -> None:
+        if step >= 0:
+            raise NonFiniteError(f"non-finite values at step {step} (phase '{self._phase_at(step)}') in: loss; "
+                                 f"set `nonfinite.policy: skip` or `rollback` to go on (they check every step)")
+
+    def _phase_at(self, step: int) -> str:
+        """The name of the phase that ran optimizer step `step` (counted from 1)."""
+        end = 0
+        for i, (steps, _) in enumerate(self.phase_plan):
+            end += steps
+            if step <= end:
+                return self.recipe.phase_name(i)
+        return self.state.phase_name
 
     def _non_finite(self, loss: torch.Tensor, grads: list, norms: list) -> bool:
         s, spec = self.state, self.recipe.nonfinite
@@ -1113,6 +1153,7 @@ class Trainer:
                 "wall_seconds": self._wall_before + time.perf_counter() - t_start, "meter_seconds": self._meter.seconds()}
 
     def _save_checkpoint(self, t_start: float) -> None:
+        self._check_watched()       # never a checkpoint of a model updated from a non-finite step
         # Every rank gathers its own RNG and loss-meter state (a collective: before the rank-0 branch).
         ranks = self.dist.gather_objects({"rng": _rng_state(), "loss_meter": self._meter.state_dict()}) \
             if self.dist.enabled else None
