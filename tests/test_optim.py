@@ -348,6 +348,74 @@ def test_lamb_with_bias_correction_matches_peer_adam_debias_when_trust_ratio_and
     assert_close_list([p.detach() for p in params], [q.detach() for q in peer_params], rtol=1e-6, atol=1e-8)
 
 
+# -- complex parameters: LAMB steps a complex tensor as the pair of real numbers it is ----------------------
+
+COMPLEX = [0, 2, 3]     # tensors of make_problem given to the optimizer as complex numbers (pairs of values)
+
+
+def complex_problem(steps: int = 20):
+    """make_problem's values as (real views, the tensors the optimizer gets): tensors 0, 2 and 3 become
+    complex tensors whose real views hold their values, so each real/imaginary pair is one complex number."""
+    init, grads = make_problem(steps=steps)
+
+    def pairs(x):
+        return x.reshape(*x.shape[:-1], -1, 2) if x.shape[-1] % 2 == 0 else x.reshape(-1, 2)
+
+    real = [[pairs(x) if i in COMPLEX else x for i, x in enumerate(xs)] for xs in [init] + grads]
+    mixed = [[torch.view_as_complex(x.contiguous()) if i in COMPLEX else x for i, x in enumerate(xs)]
+             for xs in real]
+    return real, mixed
+
+
+def run_tensors(make_opt, init, grads):
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = make_opt(build_groups(params, LAMB_GROUP1))
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("case", ["defaults", "no_bias_correction", "max_trust"])
+def test_lamb_steps_complex_parameters_as_their_real_view(case, foreach, path_spy):
+    """Complex tensors mixed with real ones in the same groups: the result is exactly that of the same
+    run on the real views (the second moment holds re^2 and im^2, not the complex square g*g)."""
+    (real_init, *real_grads), (mixed_init, *mixed_grads) = complex_problem()
+    assert [x.is_complex() for x in mixed_init] == [i in COMPLEX for i in range(len(SHAPES))]
+    options = LAMB_CASES[case]
+    on_real, _ = run_tensors(lambda groups: LAMB(groups, foreach=foreach, **options), real_init, real_grads)
+    on_mixed, opt = run_tensors(lambda groups: LAMB(groups, foreach=foreach, **options), mixed_init, mixed_grads)
+    assert path_spy["foreach" if foreach else "single"] > 0
+    assert path_spy["single" if foreach else "foreach"] == 0    # complex128 and float64 share a foreach call
+    for i, (x, y) in enumerate(zip(on_mixed, on_real)):
+        assert torch.equal(torch.view_as_real(x) if i in COMPLEX else x, y), i
+    assert min(max_abs_diff([o], [i]) for o, i in zip(on_real, real_init)) > 1e-3
+    # The state keeps the parameter's complex dtype (state_dict and torch.optim conventions).
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(opt.state[p]["exp_avg_sq"].dtype == p.dtype for p in params)
+    v0 = torch.view_as_real(opt.state[params[0]]["exp_avg_sq"])
+    assert bool((v0 >= 0).all()) and float(v0.abs().max()) > 0
+
+
+def test_lamb_matches_peer_on_complex_parameters():
+    """pytorch_optimizer's Lamb also steps complex tensors through their real view: same settings as
+    test_lamb_matches_peer_without_bias_correction, on the complex problem."""
+    from pytorch_optimizer import Lamb
+    _, (init, *grads) = complex_problem(steps=30)
+    ours, _ = run_tensors(lambda groups: LAMB(groups, lr=0.02, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05,
+                                              bias_correction=False, foreach=False), init, grads)
+    peer, _ = run_tensors(lambda groups: Lamb([{**g, "adam": not g.get("trust_ratio", True)} for g in groups],
+                                              lr=0.02, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05,
+                                              weight_decouple=False, adam_debias=True, rectify=False,
+                                              grad_averaging=True, pre_norm=False, foreach=False), init, grads)
+    assert max(norm(torch.view_as_real(x) if x.is_complex() else x) for x in peer) < 10
+    assert [x.is_complex() for x in ours] == [x.is_complex() for x in peer] == [i in COMPLEX for i in range(5)]
+    assert_close_list(ours, peer, rtol=1e-5, atol=1e-7)
+    assert max_abs_diff(ours, init) > 0.05
+
+
 # pytorch_optimizer.LARS vs our LARS:
 # - The peer applies weight decay and the trust ratio only to tensors with ndim > 1; 1-D tensors get plain
 #   SGD momentum without weight decay. Ours applies both to every tensor of a group unless the group sets

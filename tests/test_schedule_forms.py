@@ -287,6 +287,47 @@ def test_cycle_ends_with_cycle_mult_and_epochs():
     assert [e - ends[0] for e in ends] == [0, 5, 10, 30]
 
 
+# torch's CosineAnnealingWarmRestarts stepped once per optimizer step, with T_0 = cycle_steps, T_mult =
+# cycle_mult and eta_min = min_factor * lr. All but the first case end the phase inside a cycle, which
+# torch cuts off there: (10, 1, 35) ends half-way through cycle 4, (7, 2, 31) 10 steps into the 28-step
+# cycle 3, (50, 1, 20) inside the first cycle, (5, 2, 6) one step into the second.
+@pytest.mark.parametrize("t0,mult,n", [(10, 1, 40), (10, 1, 35), (7, 2, 31), (4, 3, 30), (50, 1, 20), (5, 2, 6)])
+def test_cosine_restarts_matches_torch_warm_restarts_also_when_the_phase_ends_mid_cycle(t0, mult, n):
+    base, floor = 0.1, 0.05
+    expected = torch_lrs(lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        opt, T_0=t0, T_mult=mult, eta_min=base * floor), n, base)
+    got = values(compose([cosine_restarts(cycle_steps=t0, cycle_mult=mult, min_factor=floor)], n), n)
+    assert [base * m for m in got] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # The same in epochs with a constant clock of 2 steps per epoch.
+    got = values(compose([cosine_restarts(cycle_epochs=t0 / 2, cycle_mult=mult, min_factor=floor)], n, 2), n)
+    assert [base * m for m in got] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_a_cut_off_cycle_keeps_its_length_and_has_no_cycle_end():
+    s = compose([warmup(steps=3), cosine_restarts(cycle_steps=7, cycle_mult=2, min_factor=0.1)], 34)
+    got = values(s, 36)
+    # Cycles of 7 and 14 steps end within the phase; the third (28 steps) is cut off after 10.
+    expected = [cos_anneal(t, 7, 1, 0.1) for t in range(7)] + [cos_anneal(t, 14, 1, 0.1) for t in range(14)] + \
+               [cos_anneal(t, 28, 1, 0.1) for t in range(10)]
+    assert got[3:34] == pytest.approx(expected, rel=1e-12)
+    assert got[33] > 0.75 and got[34:] == [got[33]] * 2          # never squeezed to the floor; then held
+    assert s.cycle_ends() == [10, 24]                            # no entry at 34, where the phase cuts it
+    # A phase shorter than the first cycle: no cycle ends at all.
+    assert compose([cosine_restarts(cycle_steps=50)], 20).cycle_ends() == []
+    # `cycles` splits the segment exactly: its last cycle ends with the phase.
+    assert compose([cosine_restarts(cycles=3)], 31).cycle_ends()[-1] == 31
+
+
+def test_a_cut_off_cycle_in_epochs_is_measured_in_epochs():
+    # Varying clock (10, 5, 5, 20, ... steps): 3-epoch cycles; the first spans steps 0-19, the second
+    # starts at step 20 and the phase ends after its first epoch (20 steps), a third of the way in.
+    s = compose([cosine_restarts(cycle_epochs=3)], 40, varying_clock())
+    got = values(s, 40)
+    expected = [cos_anneal(t, 20) for t in range(20)] + [cos_anneal(epoch_of(t) - 3, 3) for t in range(20, 40)]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert s.cycle_ends() == [20]
+
+
 def test_cosine_restarts_errors():
     for kwargs in ({}, {"cycles": 2, "cycle_steps": 3}, {"cycles": 0}, {"cycles": 2, "cycle_mult": 0.5},
                    {"cycles": 2, "peak_decay": 0.0}, {"cycles": 2, "peak_decay": 1.5}):

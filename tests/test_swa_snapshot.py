@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import shutil
 from pathlib import Path
@@ -198,6 +197,40 @@ def test_recompute_bn_gives_exact_mean_and_unbiased_variance_over_all_batches():
     recompute_bn(model, batches)
     torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recompute_bn_is_exact_when_the_mean_dwarfs_the_spread(dtype):
+    """Mean 1e5, std 1e-2 in batches of different sizes: sum(x^2) - n*mean^2 loses every digit there
+    (1.8 % off); the merged two-pass statistics equal torch's mean and unbiased var of all rows."""
+    g = torch.Generator().manual_seed(3)
+    x = (1e5 + 1e-2 * torch.randn(1000, 4, generator=g, dtype=torch.float64)).to(dtype)
+    bn = nn.BatchNorm1d(4, dtype=dtype)
+    recompute_bn(bn, list(torch.split(x, [256, 256, 256, 200, 30, 2])))
+    mean, var = x.double().mean(0), x.double().var(0)       # unbiased, as BatchNorm keeps running_var
+    assert float(var.min()) > 0.5e-4 and float(var.max()) < 2e-4   # the data's spread survives float32
+    if dtype == torch.float64:
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-15, atol=0)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-9, atol=0)
+    else:
+        torch.testing.assert_close(bn.running_mean, mean.float(), rtol=1e-7, atol=0)     # within one ulp
+        torch.testing.assert_close(bn.running_var, var.float(), rtol=1e-6, atol=0)
+
+
+def test_recompute_bn_equals_batchnorm_own_statistics_over_one_pass():
+    """Ordinary data: BatchNorm with momentum=None over one batch of all the rows keeps exactly their
+    mean and unbiased variance; recompute_bn over the same rows in uneven batches gives the same."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 3, 5, generator=g) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1) + torch.tensor(
+        [0.5, -2.0, 10.0]).view(1, 3, 1)
+    own = nn.BatchNorm1d(3, momentum=None).train()
+    own(x)
+    ours = nn.BatchNorm1d(3)
+    ours.running_mean.fill_(7.0)
+    ours.running_var.fill_(7.0)
+    recompute_bn(ours, list(torch.split(x, [128, 128, 44])))
+    torch.testing.assert_close(ours.running_mean, own.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, own.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_recompute_bn_single_pass_resets_old_statistics_and_restores_momentum_and_mode():
@@ -513,3 +546,25 @@ def test_snapshot_ensemble_needs_cosine_restarts(phase, schedule):
     assert "cosine_restarts" in info.value.message
     if phase:
         assert "'pre'" in info.value.message
+
+
+def test_a_cycle_cut_off_by_the_phase_end_gives_no_snapshot():
+    """cosine_restarts with cycle_steps 7 and cycle_mult 2 after a 3-step warmup in a 34-step phase:
+    cycles end at phase steps 10 and 24; the third (28 steps) is cut off by the phase after 10 steps, so
+    the phase's last step is not a cycle end and takes no snapshot (the LR there is far from its floor)."""
+    from types import SimpleNamespace
+
+    from torchdojo.methods import SnapshotEnsemble
+    from torchdojo.schedules import compose, cosine_restarts, linear_warmup
+    schedule = compose([linear_warmup(steps=3), cosine_restarts(cycle_steps=7, cycle_mult=2)], 34)
+    model = nn.Linear(2, 1, bias=False)
+    state = SimpleNamespace(phase_name="cyc", schedule=schedule, model=model, run_dir=None, step_in_phase=0)
+    method = SnapshotEnsemble()
+    method.on_phase_start(state)
+    for t in range(1, 35):
+        with torch.no_grad():
+            model.weight.fill_(t)                        # the weights after step t of the phase
+        state.step_in_phase = t
+        method.on_step_end(state)
+    assert [int(s["weight"][0, 0]) for s in method.snapshots] == [10, 24]
+    assert schedule(33) > 0.5

@@ -117,7 +117,14 @@ def cosine_restarts(cycles: int | None = None, cycle_steps: int | None = None, c
     The first cycle lasts `cycle_steps` or `cycle_epochs`, or the segment is split into `cycles` cycles;
     each cycle is `cycle_mult` times longer than the one before and its peak `peak_decay` times lower.
     With `cycles` and cycle_mult 1 the cycles are equal: the schedule of snapshot ensembles (Huang et
-    al. 2017, arXiv 1704.00109)."""
+    al. 2017, arXiv 1704.00109).
+
+    With `cycle_steps` or `cycle_epochs` the segment may end inside a cycle. That cycle keeps its full
+    length and stops where the segment ends, short of `min_factor`, as in torch's
+    CosineAnnealingWarmRestarts; squeezing it into the steps left would change the length asked for.
+    Only cycles that end within the segment are in `cycle_ends`, so a cut-off cycle gets no snapshot.
+    A cut-off cycle in epochs is measured in epochs, because the segment has no steps past its end to
+    count; with a constant number of steps per epoch that is the same position."""
     _need_one("cosine_restarts", cycles=cycles, cycle_steps=cycle_steps, cycle_epochs=cycle_epochs)
     if cycle_mult < 1.0 or not 0.0 < peak_decay <= 1.0 or (cycles is not None and cycles < 1):
         raise ValueError("cosine_restarts: cycles >= 1, cycle_mult >= 1, 0 < peak_decay <= 1")
@@ -125,54 +132,62 @@ def cosine_restarts(cycles: int | None = None, cycle_steps: int | None = None, c
         raise ValueError("cosine_restarts: cycle_mult ** cycles is too large to compute (the first cycle would "
                          "be shorter than a step)")
 
-    def bounds(n: int, epochs_since) -> list[int]:
-        """Cycle end steps (from the segment start), the last one being n."""
+    def layout(n: int, epochs_since) -> tuple[list[int], tuple[int, float] | None]:
+        """The end steps (from the segment start) of the cycles that end within the segment's n steps, and,
+        when the segment ends inside a cycle, that cycle's (start step, full length in steps or epochs)."""
         if cycles is not None:
             count = min(cycles, n)      # n steps hold at most n cycles: never a list longer than the segment
             unit = n * (cycle_mult - 1) / (cycle_mult ** count - 1) if cycle_mult > 1 else n / count
             return [max(1, round(unit * ((cycle_mult ** (i + 1) - 1) / (cycle_mult - 1) if cycle_mult > 1 else i + 1)))
-                    for i in range(count - 1)] + [n]
-        first = cycle_steps if cycle_steps is not None else None
-        ends, length, start = [], None, 0
+                    for i in range(count - 1)] + [n], None
+        ends, length, start = [], cycle_steps, 0
         while start < n:
-            if first is not None:
-                length = first if length is None else length * cycle_mult
-                end = start + max(1, round(length))
+            if cycle_steps is not None:
+                full = max(1, round(length))
+                end = start + full
+                length *= cycle_mult
             else:
                 # Lengths in epochs: cycle i spans cycle_epochs * cycle_mult**i epochs.
-                span = cycle_epochs * cycle_mult ** len(ends)
-                end = _steps_after(epochs_since, start, span, n)
-            ends.append(min(end, n))
+                full = cycle_epochs * cycle_mult ** len(ends)
+                end = _steps_after(epochs_since, start, full, n)
+            if end is None or end > n:
+                return ends, (start, full)
+            ends.append(end)
             start = end
-        return ends
+        return ends, None
 
     cache: dict = {}
 
-    def cached_bounds(n: int, epochs_since) -> list[int]:
+    def cached_layout(n: int, epochs_since):
         key = (n, id(epochs_since))
         if key not in cache:
-            cache[key] = bounds(n, epochs_since)
+            cache[key] = layout(n, epochs_since)
         return cache[key]
 
+    def cycle_ends(n: int, epochs_since) -> list[int]:
+        return cached_layout(n, epochs_since)[0]
+
     def fn(t: int, n: int, epochs_since) -> float:
-        ends = cached_bounds(n, epochs_since)
+        ends, cut = cached_layout(n, epochs_since)
         start = 0
         for i, end in enumerate(ends):
-            if t < end or i == len(ends) - 1:
+            if t < end or (cut is None and i == len(ends) - 1):
                 return _cosine(t - start, end - start, peak_decay ** i, min_factor)
             start = end
-        return min_factor
+        cut_start, full = cut
+        done = t - cut_start if cycle_steps is not None else epochs_since(t) - epochs_since(cut_start)
+        return _cosine(done, full, peak_decay ** len(ends), min_factor)
 
-    return Segment(fn, steps, epochs, cycle_ends=cached_bounds)
+    return Segment(fn, steps, epochs, cycle_ends=cycle_ends)
 
 
-def _steps_after(epochs_since: Callable[[int], float], start: int, span: float, limit: int) -> int:
-    """The first step s > start at which `span` more epochs have passed (at most `limit`)."""
+def _steps_after(epochs_since: Callable[[int], float], start: int, span: float, limit: int) -> int | None:
+    """The first step s in (start, limit] at which `span` more epochs have passed, None if there is none."""
     target = epochs_since(start) + span
     s = start + 1
     while s < limit and epochs_since(s) < target - 1e-9:
         s += 1
-    return s
+    return s if epochs_since(s) >= target - 1e-9 else None
 
 
 def step(every_steps: int | None = None, every_epochs: float | None = None, gamma: float = 0.1,
@@ -372,8 +387,9 @@ class Schedule:
         return seg.plateau.observe(float(metrics[seg.plateau.monitor]))
 
     def cycle_ends(self) -> list[int]:
-        """For each cosine_restarts cycle, the number of phase steps done when it has ended (so its last
-        step is at index end - 1): compare with the trainer's `step_in_phase` after a step."""
+        """For each cosine_restarts cycle that ends within its segment, the number of phase steps done when
+        it has ended (so its last step is at index end - 1): compare with the trainer's `step_in_phase`
+        after a step. A last cycle that its segment cuts off has no entry."""
         ends = []
         for seg, start, n, since in zip(self.segments, self.starts, self.lengths, self._since):
             if seg.cycle_ends is not None:

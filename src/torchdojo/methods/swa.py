@@ -25,20 +25,31 @@ def swa_update(average: nn.Module, model: nn.Module, n_averaged: int) -> None:
 @torch.no_grad()
 def recompute_bn(model: nn.Module, inputs: Iterable[torch.Tensor]) -> None:
     """Set every BatchNorm layer's running mean and (unbiased) variance to those of its inputs over one
-    pass through `inputs` in train mode, accumulated exactly in float64 over all batches (not an
-    average of per-batch statistics, which is off when batches differ in size)."""
+    pass through `inputs` in train mode, exact over all batches (not an average of per-batch statistics,
+    which is off when batches differ in size).
+
+    Each batch's mean and sum of squared deviations (two passes over the batch, in float64) are merged
+    into the running totals with Chan, Golub & LeVeque's (1979) pairwise update. The one-pass
+    sum(x^2) - n*mean^2 cancels catastrophically when |mean| >> std (1.8 % off at mean 1e5, std 1e-2)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    totals: dict[nn.Module, list] = {m: [0.0, 0.0, 0] for m in norms}
+    totals: dict[nn.Module, tuple] = {m: (0, 0.0, 0.0) for m in norms}     # rows, mean, sum of squared deviations
 
     def accumulate(module, args):
         x = args[0].detach().double()
         dims = [d for d in range(x.dim()) if d != 1]
-        acc = totals[module]
-        acc[0] = acc[0] + x.sum(dims)
-        acc[1] = acc[1] + (x * x).sum(dims)
-        acc[2] += x.numel() // x.shape[1]
+        rows = x.numel() // x.shape[1]
+        if rows == 0:
+            return
+        mean = x.mean(dims, keepdim=True)
+        m2 = (x - mean).square_().sum(dims)
+        mean = mean.flatten()
+        n, total_mean, total_m2 = totals[module]
+        delta = mean - total_mean
+        merged = n + rows
+        totals[module] = (merged, total_mean + delta * (rows / merged),
+                          total_m2 + m2 + delta.square() * (n * rows / merged))
 
     handles = [m.register_forward_pre_hook(accumulate) for m in norms]
     was_training = model.training
@@ -51,13 +62,11 @@ def recompute_bn(model: nn.Module, inputs: Iterable[torch.Tensor]) -> None:
             h.remove()
         model.train(was_training)
     for m in norms:
-        total, total_sq, n = totals[m]
+        n, mean, m2 = totals[m]
         if n < 2:
             continue
-        mean = total / n
-        var = (total_sq - n * mean * mean) / (n - 1)
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
-        m.running_var.copy_(var.clamp(min=0).to(m.running_var.dtype))
+        m.running_var.copy_((m2 / (n - 1)).to(m.running_var.dtype))
 
 
 class SWA(Method):

@@ -7,7 +7,11 @@ Per tensor w with gradient g, step t from 1:
     trust = ||w||/||r|| if both > 0 else 1, capped at max_trust when set
     w = w - lr*trust*r
 A parameter group with `trust_ratio: False` uses trust = 1 (biases and norm weights, by default of
-`torchdojo.optim.param_groups`)."""
+`torchdojo.optim.param_groups`).
+
+A complex tensor is updated as the pair of real numbers it is, through its real view (as torch.optim.Adam
+does): v then holds the square of each real and imaginary part, never the complex square g*g, and ||w||,
+||r|| are the norms of those real numbers."""
 from __future__ import annotations
 
 import math
@@ -50,12 +54,19 @@ class LAMB(Optimizer):
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
+            # The state stays complex (its dtype is the parameter's); the rule runs on real views of it.
+            params, grads, ms, vs = ([_real(t) for t in ts] for ts in (params, grads, ms, vs))
             if can_foreach(group["foreach"], params + grads + ms + vs):
                 _lamb_foreach(params, grads, ms, vs, steps, group)
             else:
                 for p, g, m, v, t in zip(params, grads, ms, vs, steps):
                     _lamb_single(p, g, m, v, t, group)
         return loss
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor's real view (sharing its storage, so in-place updates reach it); others as they are."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _lamb_single(w, g, m, v, t, group) -> None:

@@ -2,8 +2,11 @@
 and norm weights.
 
 Layer-wise LR decay follows Clark et al. 2020 (ELECTRA, arXiv 2003.10555) and Bao et al. 2021 (BEiT,
-arXiv 2106.08254); excluding biases and norm weights from weight decay (and from LARS/LAMB trust
-ratios) follows Goyal et al. 2017 (arXiv 1706.02677) and You et al. 2017 (arXiv 1708.03888).
+arXiv 2106.08254). Excluding biases and norm weights from weight decay and from LARS/LAMB trust ratios
+is later large-batch practice, not the LARS paper (You et al. 2017, arXiv 1708.03888, adapt every layer):
+He et al. 2018 (arXiv 1812.01187, "no bias decay", after Jia et al. 2018, arXiv 1807.11205) leave biases
+and BatchNorm's scale and shift undecayed, and the LAMB and LARS code of google-research/albert and
+google-research/simclr skips the same tensors in the trust ratio.
 
     groups = param_groups(model, [{"match": "features.*", "lr_mult": 0.1}], lr=1e-3, weight_decay=0.01)
     opt = torch.optim.AdamW(groups)
