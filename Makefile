@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # `torch` requirement would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/dojo train quickstart
 
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+# `test` leaves out the tests marked slow (pyproject.toml); `test-slow` runs only those; CI runs both.
 test: setup
 	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

@@ -1,6 +1,8 @@
-"""Small statistics shared by the accuracy benchmarks (seeds, paired differences, verdicts)."""
+"""Small statistics shared by the accuracy benchmarks (seeds, paired differences, verdicts), their
+command-line options (threads, `--smoke`) and their JSON last line."""
 from __future__ import annotations
 
+import argparse
 import statistics
 
 
@@ -72,3 +74,44 @@ def apply_threads(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     return default_threads
+
+
+# -- smoke mode --------------------------------------------------------------------------------------
+# `--smoke` runs a benchmark at tiny sizes with one seed, in seconds, so CI notices a broken script
+# (tests/test_benchmarks_smoke.py); its figures mean nothing. It is one switch per process, set by
+# `parse_args`: a benchmark script is one process, and its recipes, built in many places, all reach the
+# Trainer through `sized`.
+SMOKE_SIGNALS = 1000      # MNIST-1D signals generated per data set (generating 5,000 takes ~2 s per run)
+SMOKE_EPOCHS = 2          # epochs per phase at most
+_smoke = False
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None, **smoke_defaults) -> argparse.Namespace:
+    """Parse `argv` with a `--smoke` flag; with it, `smoke_defaults` replace the options' defaults (options
+    given on the command line still win) and `sized` cuts every recipe down."""
+    global _smoke
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, one seed, a few seconds: checks that the script runs end to end "
+                             "(CI); the figures mean nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke_defaults)
+        args = parser.parse_args(argv)
+    _smoke = args.smoke
+    return args
+
+
+def sized_data(data: dict) -> dict:
+    """A data spec as given, or in smoke mode with at most SMOKE_SIGNALS MNIST-1D signals."""
+    if not _smoke or data.get("name") != "mnist1d":
+        return data
+    return {**data, "num_samples": min(data.get("num_samples", SMOKE_SIGNALS), SMOKE_SIGNALS)}
+
+
+def sized(recipe: dict) -> dict:
+    """A recipe as given, or in smoke mode a copy with `sized_data` and at most SMOKE_EPOCHS epochs per phase."""
+    if not _smoke:
+        return recipe
+    phases = [{**p, "epochs": min(p["epochs"], SMOKE_EPOCHS)} if p.get("epochs") else p
+              for p in recipe.get("phases", [])]
+    return {**recipe, "data": sized_data(recipe["data"]), "phases": phases}

@@ -100,7 +100,8 @@ from torchdojo.recipe import load_recipe, read_recipe_source
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import add_threads_option, apply_threads, mean, print_json_line, r4, std, verdict  # noqa: E402
+from _stats import (add_threads_option, apply_threads, mean, parse_args, print_json_line, r4, sized,  # noqa: E402
+                    sized_data, std, verdict)
 
 PRETRAIN, FINETUNE = "mnist1d-pretrain", "mnist1d-finetune"
 POOL_SEED = 2024                # MNIST-1D generation seed of the unlabelled pool (the built-in set uses 42)
@@ -128,7 +129,7 @@ ARMS = {
 
 def pool_spec() -> dict:
     """The unlabelled pool: `mnist1d-dae`'s data (generator seed POOL_SEED, as `mnist1d-pretrain`'s)."""
-    return {"name": "mnist1d", "num_samples": 24000, "seed": POOL_SEED, "val_fraction": 0.05}
+    return sized_data({"name": "mnist1d", "num_samples": 24000, "seed": POOL_SEED, "val_fraction": 0.05})
 
 
 def autoencoder_recipe(kind: str) -> dict:
@@ -163,7 +164,7 @@ def target_data(target: str) -> dict:
         data.pop("classes", None)
     else:
         data["classes"] = TARGETS[target]["classes"]
-    return data
+    return sized_data(data)
 
 
 def finetune_recipe(arm: str, target: str, seed: int, source: Path | None) -> dict:
@@ -220,7 +221,7 @@ def run(recipe_dict: dict, run_dir: Path) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    summary = Trainer(load_recipe(recipe_dict), run_dir, quiet=True).fit()
+    summary = Trainer(load_recipe(sized(recipe_dict)), run_dir, quiet=True).fit()
     out = {"metrics": summary["metrics"], "seconds": time.perf_counter() - t0, "steps": summary["steps"]}
     init = run_dir / "init.json"
     out["init_loaded"] = json.loads(init.read_text())["loaded"] if init.is_file() else []
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-scratch-3e-3", action="store_true", help="skip arm (a'), scratch at lr 3e-3")
     ap.add_argument("--out", help="keep the runs here (default: a temporary folder, removed at the end)")
     add_threads_option(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, seeds=1)
     if args.seeds < 1:
         ap.error("need at least one seed")
     default_threads = apply_threads(args)
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
            "val_mse_global_mean": float(((val - train.mean()) ** 2).mean()),
            "val_mse_position_mean": float(((val - train.mean(0)) ** 2).mean()),
            "val_denoise_mse_identity": NOISE_STD ** 2}
-    shipped_rows = rows(load_data(read_recipe_source(PRETRAIN)[0]["data"], 0))
+    shipped_rows = rows(load_data(sized_data(read_recipe_source(PRETRAIN)[0]["data"]), 0))
     checks = {}
     for target in args.targets:
         tgt = rows(load_data({**target_data(target), "train_size": None}, 0))   # every row of every split

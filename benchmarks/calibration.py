@@ -68,14 +68,13 @@ from pathlib import Path
 
 import torch
 
-import torchdojo
 from torchdojo.calibrate import calibrate
 from torchdojo.recipe import load_recipe
 from torchdojo.tasks.base import collect_outputs
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stats import add_threads_option, apply_threads, mean, r4  # noqa: E402, std
+from _stats import add_threads_option, apply_threads, mean, parse_args, r4, run_figures, sized, std  # noqa: E402
 
 BATCH_SIZE = 64
 SPLIT_SEED = 0
@@ -116,7 +115,7 @@ def mean_confidence(trainer: Trainer, split: str, temperature: float) -> tuple[f
 
 def run_arm(epochs: int, lr: float, seed: int, label_smoothing: float, run_dir: Path) -> dict:
     t0 = time.perf_counter()
-    trainer = Trainer(load_recipe(recipe(epochs, lr, seed, label_smoothing)), run_dir, quiet=True)
+    trainer = Trainer(load_recipe(sized(recipe(epochs, lr, seed, label_smoothing))), run_dir, quiet=True)
     summary = trainer.fit()                    # what torchdojo.train(recipe, run_dir=..., quiet=True) does
     train_seconds = time.perf_counter() - t0
     cal = calibrate(run_dir, split="val", n_bins=N_BINS)
@@ -146,7 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lr", type=float, default=1e-3, help="constant Adam learning rate")
     add_threads_option(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, epochs=1, seeds=[0])
     default_threads = apply_threads(args)
     t_start = time.perf_counter()
     seeds, E = args.seeds, args.epochs
@@ -274,9 +273,7 @@ def main(argv=None) -> int:
         "ls_minus_ce_ece_before": [r4(d) for d in ece_diff],
         "claim_ls_lowers_ece": v_ls_ece,
         "seconds_per_run_mean": round(mean(res[k][s]["seconds"] for k, _, _ in ARMS for s in seeds), 2),
-        "total_seconds": round(total_seconds, 1), "torch": torch.__version__,
-        "torchdojo": getattr(torchdojo, "__version__", "unknown"),
-        "threads": torch.get_num_threads(), "torch_default_threads": default_threads,
+        **run_figures(total_seconds, default_threads),
     })
     print(json.dumps(figures))
     return 0

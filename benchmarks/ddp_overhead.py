@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from _stats import parse_args, r4, run_figures
+
 HERE = Path(__file__).resolve().parent
 BATCH = 128
 
@@ -114,11 +116,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of both parts; medians are reported")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, epochs=1, steps=5, repeats=1)
     if args.worker:
         worker(args.steps)
         return 0
-    from _stats import r4, run_figures
     from torchdojo import Trainer, load_recipe
 
     default_threads = torch.get_num_threads()

@@ -28,7 +28,7 @@ from torchdojo import Trainer, load_recipe
 from torchdojo.methods import Method
 from torchdojo.registry import METHODS
 
-from _stats import r4, run_figures
+from _stats import parse_args, r4, run_figures, sized
 
 GOAL = 1.05
 
@@ -59,7 +59,7 @@ def run(arm: str, every_steps: int, tmp: Path, tag: str) -> dict:
     raw["methods"] = [{"name": "step_timer", "role": "start"}, *middle, {"name": "step_timer", "role": "stop"}]
     STOPWATCH.update(t0=0.0, total=0.0, steps=0)
     gc.collect()
-    trainer = Trainer(load_recipe(raw), tmp / f"{arm}-{tag}", quiet=True)
+    trainer = Trainer(load_recipe(sized(raw)), tmp / f"{arm}-{tag}", quiet=True)
     t0 = time.perf_counter()
     summary = trainer.fit()
     wall = time.perf_counter() - t0
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--every-steps", type=int, default=50, help="the diagnostics interval (default: its default)")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, pairs=1)
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     METHODS.register("step_timer", StepTimer)

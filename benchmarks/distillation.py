@@ -54,7 +54,8 @@ import torchdojo
 from torchdojo.models import MODELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stats import add_threads_option, apply_threads, mean, r4, run_figures  # noqa: E402, std, verdict
+from _stats import (add_threads_option, apply_threads, mean, parse_args, r4, run_figures, sized, std,  # noqa: E402
+                    verdict)
 
 BATCH_SIZE = 64
 LR, WEIGHT_DECAY, MIN_FACTOR = 3e-3, 0.01, 0.05
@@ -91,7 +92,7 @@ def distill_task(teacher_dir: Path, temperature: float) -> dict:
 
 def run(recipe_dict: dict, run_dir: Path | None = None) -> dict:
     t0 = time.perf_counter()
-    summary = torchdojo.train(recipe_dict, run_dir=run_dir, quiet=True)
+    summary = torchdojo.train(sized(recipe_dict), run_dir=run_dir, quiet=True)
     seconds = time.perf_counter() - t0
     if summary.get("status") != "finished":
         raise RuntimeError(f"run {recipe_dict['name']} did not finish: {summary.get('status')}")
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-epochs", type=int, default=30, help="epochs of the teacher run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
     add_threads_option(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, epochs=1, teacher_epochs=1, seeds=[0])
     default_threads = apply_threads(args)
     t_start = time.perf_counter()
     seeds, E = args.seeds, args.epochs

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -46,6 +47,8 @@ from torchdojo.pair_search import pair_search
 from torchdojo.recipe import load_recipe
 from torchdojo.trainer import Trainer
 
+from _stats import parse_args, sized
+
 DATA = {"name": "mnist1d", "split_seed": 0}
 ENCODERS = {
     "mlp": ({"name": "mlp", "hidden": [256, 128]}, 0),
@@ -57,21 +60,21 @@ SAME_ARCH = "cnn1d + cnn1d-s1"
 
 
 def recipe(name: str, model: dict, seed: int, epochs: int) -> dict:
-    return {"name": name, "seed": seed, "device": "cpu", "data": dict(DATA), "model": model,
-            "task": {"name": "classify"},
-            "phases": [{"name": "main", "epochs": epochs, "batch_size": 64,
-                        "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
-                        "schedule": [{"name": "warmup", "epochs": 1}, {"name": "cosine"}]}],
-            "log": {"every_steps": 50, "tensorboard": False}}
+    return sized({"name": name, "seed": seed, "device": "cpu", "data": dict(DATA), "model": model,
+                  "task": {"name": "classify"},
+                  "phases": [{"name": "main", "epochs": epochs, "batch_size": 64,
+                              "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
+                              "schedule": [{"name": "warmup", "epochs": 1}, {"name": "cosine"}]}],
+                  "log": {"every_steps": 50, "tensorboard": False}})
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--head-epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="keep the runs here (default: a temporary folder)")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, epochs=1, head_epochs=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-concat-"))
@@ -106,7 +109,10 @@ def main() -> None:
         verdict = "mixed"
     print(f"same-architecture pair gain {same:+.4f}; cross-architecture gains {', '.join(f'{g:+.4f}' for g in cross)}; "
           f"disagreement-gain correlation {r if r is None else round(r, 3)}: the claim {verdict}")
-    print(f"runs in {root}")
+    if args.smoke and not args.out:
+        shutil.rmtree(root)         # a smoke run's folder is of no use; a full run's is kept to look at
+    else:
+        print(f"runs in {root}")
     figures = {"epochs": args.epochs, "head_epochs": args.head_epochs, "threads": torch.get_num_threads(),
                "singles": {s["label"]: {"head": s["test_accuracy"], "own": s["own_test_accuracy"]}
                            for s in doc["singles"]},

@@ -54,12 +54,12 @@ import time
 
 import torch
 
-import torchdojo
 from torchdojo.recipe import load_recipe
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import add_threads_option, apply_threads, mean, r4, run_figures  # noqa: E402, std, verdict
+from _stats import (add_threads_option, apply_threads, mean, parse_args, r4, run_figures, sized, std,  # noqa: E402
+                    verdict)
 
 RATIO = 20
 BATCH_SIZE = 64
@@ -103,7 +103,7 @@ def recipe(dataset: str, arm: str, epochs: int, seed: int) -> dict:
 
 def run(recipe_dict: dict) -> tuple[dict, Trainer, float]:
     t0 = time.perf_counter()
-    trainer = Trainer(load_recipe(recipe_dict), None, quiet=True)
+    trainer = Trainer(load_recipe(sized(recipe_dict)), None, quiet=True)
     summary = trainer.fit()
     return summary, trainer, time.perf_counter() - t0
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs-digits", type=int, default=40, help="epochs of every digits run (about 10 steps each)")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     add_threads_option(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, seeds=[0], epochs_mnist1d=1, epochs_digits=1)
     default_threads = apply_threads(args)
     t_start = time.perf_counter()
     seeds = args.seeds

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from torchdojo import Trainer, load_recipe
+from torchdojo.recipe import read_recipe_source
 
-from _stats import r4, run_figures
+from _stats import parse_args, r4, run_figures, sized
 
 ARMS = {
     "batch 4096, LAMB": [],
@@ -43,16 +44,16 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=float, default=40)
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, epochs=1)
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory(prefix="dojo-bench-lb-") as tmp:
         for arm, overrides in ARMS.items():
-            recipe = load_recipe("mnist1d-large-batch", [*overrides, f"phases.main.epochs={args.epochs}",
-                                                          "eval.every_epochs=1", f"seed={args.seed}",
-                                                          "checkpoint.every_epochs=null", "log.tensorboard=false"])
+            recipe = load_recipe(sized(read_recipe_source("mnist1d-large-batch")[0]),
+                                 [*overrides, f"phases.main.epochs={args.epochs}", "eval.every_epochs=1",
+                                  f"seed={args.seed}", "checkpoint.every_epochs=null", "log.tensorboard=false"])
             run_dir = Path(tmp) / arm.replace(" ", "").replace(",", "-")
             t0 = time.perf_counter()
             summary = Trainer(recipe, run_dir, quiet=True).fit()

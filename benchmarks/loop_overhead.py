@@ -60,6 +60,8 @@ from torchdojo.recipe import load_recipe
 from torchdojo.registry import MODELS
 from torchdojo.trainer import Trainer, seed_everything
 
+from _stats import parse_args
+
 GOAL = 1.05
 ACC_TOLERANCE = 0.035
 SEED = 0
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for both arms; 0 keeps torch's default (one per core). "
                          "Default 1: see the module docstring")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, pairs=1, epochs=1)
     default_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

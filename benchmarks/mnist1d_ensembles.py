@@ -38,7 +38,7 @@ import torch
 from torchdojo import Trainer, load_recipe, train
 from torchdojo.pair_search import pair_search
 
-from _stats import mean, r4, run_figures, std
+from _stats import mean, parse_args, r4, run_figures, sized, std
 
 GOAL = 0.97
 CNN = {"name": "cnn1d", "channels": [32, 64], "hidden": 128, "dropout": 0.1}
@@ -60,8 +60,9 @@ def recipe(seed: int, epochs: int, model=None, augment=None, **extra) -> dict:
 
 def run(r: dict, run_dir: Path) -> dict:
     t0 = time.perf_counter()
-    summary = train(load_recipe(r), run_dir) if "ensemble" in r and any(
-        isinstance(v, dict) for v in r["ensemble"].get("vary", [])) else Trainer(load_recipe(r), run_dir, quiet=True).fit()
+    loaded = load_recipe(sized(r))
+    summary = train(loaded, run_dir) if "ensemble" in r and any(
+        isinstance(v, dict) for v in r["ensemble"].get("vary", [])) else Trainer(loaded, run_dir, quiet=True).fit()
     return {**summary["metrics"], "seconds": time.perf_counter() - t0}
 
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ncl", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, epochs=1, seeds=[0])
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
         add("gru", m["test/accuracy"], m["seconds"])
         m = run(recipe(seed, args.epochs, model={"name": "mlp", "hidden": [256, 128]}), d / "mlp")
         add("mlp", m["test/accuracy"], m["seconds"])
-        head = recipe(seed, max(5, args.epochs // 3))        # pair search puts a linear head on the encoders
+        head = sized(recipe(seed, max(5, args.epochs // 3)))  # pair search puts a linear head on the encoders
         head_file = d / "head.yaml"
         head_file.write_text(json.dumps(head))
         t0 = time.perf_counter()

@@ -73,8 +73,8 @@ from torchdojo.data.bundle import load_data
 from torchdojo.models.switch import SwitchFFN
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import (add_threads_option, apply_threads, cell, mean, paired_claim, parse_ints,  # noqa: E402
-                    print_json_line, r4, std, verdict)
+from _stats import (add_threads_option, apply_threads, cell, mean, paired_claim, parse_args, parse_ints,  # noqa: E402
+                    print_json_line, r4, sized, sized_data, std, verdict)
 
 WIDTH, BLOCKS, HIDDEN, CAPACITY, DROPOUT = 64, 2, 128, 1.25, 0.1
 BATCH = 64
@@ -139,7 +139,7 @@ def run(recipe_dict: dict, run_dir: Path, test_x: torch.Tensor) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    trainer = Trainer(load_recipe(recipe_dict), run_dir, quiet=True)
+    trainer = Trainer(load_recipe(sized(recipe_dict)), run_dir, quiet=True)
     summary = trainer.fit()
     seconds = time.perf_counter() - t0
     m = summary["metrics"]
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to run (default all)")
     ap.add_argument("--out", help="keep the runs here (default: a temporary folder, removed at the end)")
     add_threads_option(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, seeds=[0], epochs=2)
     if "dense" not in args.arms:
         ap.error("--arms must include dense (the baseline)")
     if not args.seeds or args.epochs <= 1:
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
 
     res: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
     for seed in seeds:
-        test_x = load_data({"name": "mnist1d"}, seed).test.x
+        test_x = load_data(sized_data({"name": "mnist1d"}), seed).test.x
         for arm in arms:
             r = run(recipe(arm, seed, args.epochs), root / arm / f"seed{seed}", test_x)
             assert (ARMS[arm][2] is not None) == ("max_share_last" in r), arm

@@ -87,6 +87,8 @@ from torch import nn
 import torchdojo
 from torchdojo.optim import LAMB, LARS, Lookahead
 
+from _stats import parse_args
+
 try:
     import resource
 except ImportError:       # not on Windows
@@ -349,7 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=("auto", "always", "never"), default="auto",
                     help="torch.compile our LAMB/LARS: when one of their eager goals is missed (auto), always, never")
     ap.add_argument("--compile-rounds", type=int, default=10, help="interleaved rounds for the compiled contenders")
-    args = ap.parse_args(argv)
+    # smoke: no torch.compile, which takes about a minute here (and with `auto` would depend on noisy ratios)
+    args = parse_args(ap, argv, rounds=2, compile="never")
     if args.block % K:
         ap.error(f"--block must be a multiple of Lookahead's k={K}")
     default_threads = torch.get_num_threads()

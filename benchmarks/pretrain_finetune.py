@@ -65,7 +65,8 @@ from torchdojo.recipe import load_recipe, read_recipe_source
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import add_threads_option, apply_threads, mean, print_json_line, r4, std, verdict  # noqa: E402
+from _stats import (add_threads_option, apply_threads, mean, parse_args, parse_ints, print_json_line, r4,  # noqa: E402
+                    sized, std, verdict)
 
 PRETRAIN, FINETUNE = "mnist1d-pretrain", "mnist1d-finetune"
 EPOCHS = 50
@@ -123,17 +124,13 @@ def run(recipe_dict: dict, run_dir: Path) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    summary = Trainer(load_recipe(recipe_dict), run_dir, quiet=True).fit()
+    summary = Trainer(load_recipe(sized(recipe_dict)), run_dir, quiet=True).fit()
     m = summary["metrics"]
     out = {"test_accuracy": m["test/accuracy"], "test_nll": m["test/nll"], "val_accuracy": m.get("val/accuracy"),
            "seconds": time.perf_counter() - t0, "steps": summary["steps"]}
     init = run_dir / "init.json"
     out["init_loaded"] = len(json.loads(init.read_text())["loaded"]) if init.is_file() else 0
     return out
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(x) for x in text.replace(",", " ").split()]
 
 
 def main(argv=None) -> int:
@@ -146,7 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     ap.add_argument("--out", help="keep the runs here (default: a temporary folder, removed at the end)")
     add_threads_option(ap)
-    args = ap.parse_args(argv)
+    # smoke: train sizes within the ~360 training signals of the target digits in smoke-sized data
+    args = parse_args(ap, argv, seeds=1, train_sizes=[100, 200])
     if "scratch" not in args.arms:
         ap.error("--arms must include scratch (the baseline)")
     if args.seeds < 1 or not args.train_sizes or not args.pretrain_seeds:

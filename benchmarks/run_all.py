@@ -9,7 +9,10 @@ exits 1 at the end.
 With `--only NAME ... --merge`, the other benchmarks' sections of the existing output file are kept as
 they are (each says its own figures; the header lists which sections come from an earlier run).
 
-Usage: python benchmarks/run_all.py [--only NAME ... [--merge]] [--timeout SECONDS] [--output PATH]
+With `--smoke`, every benchmark runs in its smoke mode (tiny sizes, one seed, seconds, one thread) to check
+that it runs; BENCHMARKS.md is left alone, as smoke figures mean nothing.
+
+Usage: python benchmarks/run_all.py [--only NAME ... [--merge]] [--smoke] [--timeout SECONDS] [--output PATH]
 """
 from __future__ import annotations
 
@@ -66,12 +69,14 @@ def machine_info() -> dict:
     }
 
 
-def run_one(script: Path, timeout: float) -> dict:
+def run_one(script: Path, timeout: float, smoke: bool = False) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if smoke:       # one thread: smoke runs are checks on a shared CI machine, not timings
+        env["OMP_NUM_THREADS"] = "1"
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        proc = subprocess.run([sys.executable, str(script), *(["--smoke"] if smoke else [])], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout, env=env)
         code, out, err = proc.returncode, proc.stdout, proc.stderr
         timed_out = False
     except subprocess.TimeoutExpired as exc:
@@ -166,11 +171,15 @@ def render(results: list[dict], machine: dict, started: datetime, kept: dict[str
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names (script stems) to run")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds per benchmark (default 1800, 300 with --smoke)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--merge", action="store_true", help="with --only: keep the other benchmarks' sections "
                                                           "of the existing output file")
+    ap.add_argument("--smoke", action="store_true", help="run every benchmark in smoke mode; writes no output file")
     args = ap.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = 300 if args.smoke else 1800
 
     scripts = benchmark_scripts()
     if args.only:
@@ -185,21 +194,24 @@ def main(argv=None) -> int:
     results = []
     for script in scripts:
         print(f"== {script.stem} ...", flush=True)
-        r = run_one(script, args.timeout)
+        r = run_one(script, args.timeout, args.smoke)
         results.append(r)
-        if r["report"]:
+        if r["report"] and not args.smoke:
             print(r["report"])
         print(f"== {script.stem}: {'ok' if r['ok'] else 'FAILED: ' + r['problem']} ({r['seconds']:.0f} s)",
               flush=True)
         if not r["ok"] and r["stderr_tail"]:
             print(r["stderr_tail"], file=sys.stderr)
+    failed = [r["name"] for r in results if not r["ok"]]
+    tally = f"{len(results)} benchmark(s), {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
+    if args.smoke:
+        print(f"smoke: {tally}")
+        return 1 if failed else 0
     kept = {}
     if args.merge and args.only and args.output.is_file():
         kept = {k: v for k, v in earlier_sections(args.output.read_text()).items() if k not in args.only}
     args.output.write_text(render(results, machine, started, kept))
-    failed = [r["name"] for r in results if not r["ok"]]
-    print(f"wrote {args.output} ({len(results)} benchmark(s), {len(failed)} failed"
-          + (f": {', '.join(failed)}" if failed else "") + ")")
+    print(f"wrote {args.output} ({tally})")
     return 1 if failed else 0
 
 

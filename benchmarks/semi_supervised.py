@@ -65,8 +65,8 @@ from torchdojo import Trainer, load_recipe
 from torchdojo.data.bundle import load_data
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import (add_threads_option, apply_threads, cell, mean, paired_claim, parse_ints,  # noqa: E402
-                    print_json_line, r4, std, verdict)
+from _stats import (add_threads_option, apply_threads, cell, mean, paired_claim, parse_args, parse_ints,  # noqa: E402
+                    print_json_line, r4, sized, sized_data, std, verdict)
 
 THRESHOLD = 0.95
 ARMS = {
@@ -110,8 +110,8 @@ def recipe(arm: str, seed: int, train_size: int, steps: int) -> dict:
 def unlabeled_rows(seed: int, train_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The unlabelled rows of seed `seed` (as `data.unlabeled` builds them) with their true labels,
     looked up by content in the full training split."""
-    full = load_data({"name": "mnist1d"}, seed).train
-    part = load_data({"name": "mnist1d", "train_size": train_size, "unlabeled": True}, seed).unlabeled
+    full = load_data(sized_data({"name": "mnist1d"}), seed).train
+    part = load_data(sized_data({"name": "mnist1d", "train_size": train_size, "unlabeled": True}), seed).unlabeled
     label = {row.numpy().tobytes(): int(y) for row, y in zip(full.x, full.y)}
     y = torch.tensor([label[row.numpy().tobytes()] for row in part.x])
     return part.x, y
@@ -121,7 +121,7 @@ def run(recipe_dict: dict, run_dir: Path, unlabeled: tuple[torch.Tensor, torch.T
     if run_dir.exists():
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    trainer = Trainer(load_recipe(recipe_dict), run_dir, quiet=True)
+    trainer = Trainer(load_recipe(sized(recipe_dict)), run_dir, quiet=True)
     summary = trainer.fit()
     seconds = time.perf_counter() - t0
     m = summary["metrics"]
@@ -161,7 +161,8 @@ def main(argv=None) -> int:
                     help="arms to run (default all; drop `oracle` to save about a fifth of the time)")
     ap.add_argument("--out", help="keep the runs here (default: a temporary folder, removed at the end)")
     add_threads_option(ap)
-    args = ap.parse_args(argv)
+    # smoke: 20 steps, so that the logs (every 10 steps) hold the unlabelled loss checked below
+    args = parse_args(ap, argv, seeds=[0], steps=20)
     if "supervised" not in args.arms:
         ap.error("--arms must include supervised (the baseline)")
     if not args.seeds or args.train_size < 1 or args.steps < 1:

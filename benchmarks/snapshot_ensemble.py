@@ -51,12 +51,12 @@ import time
 
 import torch
 
-import torchdojo
 from torchdojo.recipe import load_recipe, read_recipe_source
 from torchdojo.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stats import add_threads_option, apply_threads, mean, r4, run_figures  # noqa: E402, std, verdict
+from _stats import (add_threads_option, apply_threads, mean, parse_args, r4, run_figures, sized, std,  # noqa: E402
+                    verdict)
 
 BATCH_SIZE = 64
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -112,7 +112,7 @@ def single_phase_recipe(seed: int) -> dict:
 
 def run(recipe_dict: dict) -> tuple[dict, Trainer, float]:
     t0 = time.perf_counter()
-    trainer = Trainer(load_recipe(recipe_dict), None, quiet=True)
+    trainer = Trainer(load_recipe(sized(recipe_dict)), None, quiet=True)
     summary = trainer.fit()
     return summary, trainer, time.perf_counter() - t0
 
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                     help="peak LRs tried for the single cosine run (seed = first seed), best validation accuracy wins")
     ap.add_argument("--skip-stages", action="store_true", help="run part 1 only")
     add_threads_option(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, epochs=1, seeds=[0], lr_grid=[0.1])
     default_threads = apply_threads(args)
     t_start = time.perf_counter()
     seeds, E = args.seeds, args.epochs

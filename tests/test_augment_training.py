@@ -49,7 +49,7 @@ def test_training_batches_are_augmented_reproducibly_and_eval_is_not(see_batches
     plain = _run(tiny_recipe)
     tiny_recipe["phases"][0]["augment"] = [{"name": "gaussian", "std": 0.5}]
     aug = _run(tiny_recipe, tmp_path / "a")
-    again = _run(tiny_recipe, tmp_path / "b")
+    _run(tiny_recipe, tmp_path / "b")                              # the same run again: same weights below
     first_plain, first_aug = plain.methods[0].batches[0], aug.methods[0].batches[0]
     assert torch.equal(first_plain["y"], first_aug["y"])          # same rows in the same order ...
     assert not torch.allclose(first_plain["x"], first_aug["x"])   # ... with noise on them

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -102,8 +103,7 @@ def test_synthetic_tabular_options():
 
 # -- splitting -----------------------------------------------------------------------------------
 
-def _row_counts(x) -> "Counter[bytes]":
-    from collections import Counter
+def _row_counts(x) -> Counter[bytes]:
     x = np.asarray(x, dtype=np.float32)
     return Counter(row.tobytes() for row in x.reshape(len(x), -1))
 

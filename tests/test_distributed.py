@@ -272,6 +272,7 @@ def _left_over(run_dir: Path) -> list[str]:
     return [line for line in out if str(run_dir.name) in line and "torchdojo" in line and "ps -eo" not in line]
 
 
+@pytest.mark.slow      # ~15-20 s: run by `make test-slow` and CI, not `make test`
 def test_a_crashed_rank_restarts_from_the_checkpoint_and_finishes_like_an_uninterrupted_run(tmp_path):
     env = crash_plugin(tmp_path)
     never = tmp_path / "never-crash"
@@ -343,6 +344,7 @@ def _two_like_one(r: dict, tmp_path: Path, env: dict | None = None, name: str = 
     return final_weights(single), final_weights(tmp_path / name)
 
 
+@pytest.mark.slow      # ~15-20 s: run by `make test-slow` and CI, not `make test`
 def test_sync_batchnorm_makes_two_processes_train_like_one(tmp_path):
     """With BatchNorm, each process normalizes its half of the batch unless `sync_batchnorm` is on; with
     it, the parameters and running statistics equal the single-process run's."""

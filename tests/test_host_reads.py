@@ -66,10 +66,13 @@ def test_no_host_read_between_log_steps_in_the_default_configuration(reads, monk
     assert all(per_step[k] == 1 for k in (10, 20, 30)), per_step
 
 
-@pytest.mark.parametrize("bad_step", [3, 10, 12])
-def test_a_non_finite_loss_between_log_steps_still_raises_naming_its_step(monkeypatch, bad_step, tmp_path):
-    """Found on the next log step (or the checkpoint before it), still named by the step it happened at,
-    and no checkpoint is written after it."""
+@pytest.mark.parametrize("bad_step, steps, every", [(3, 20, 10), (10, 20, 10), (12, 20, 10), (70, 100, 50),
+                                                    (130, 140, 1000)])
+def test_a_non_finite_loss_between_log_steps_still_raises_naming_its_step(monkeypatch, bad_step, steps, every,
+                                                                           tmp_path):
+    """Found on the next log step (or the checkpoint before it, or the phase end), still named by the
+    step it happened at (also after the watched losses were folded on the device, every 64 steps), and
+    no checkpoint is written after it."""
     from torchdojo.tasks.classify import Classify
     real = Classify.training_loss
     calls = [0]
@@ -79,8 +82,8 @@ def test_a_non_finite_loss_between_log_steps_still_raises_naming_its_step(monkey
         calls[0] += 1
         return (loss * float("nan"), parts) if calls[0] == bad_step else (loss, parts)
     monkeypatch.setattr(Classify, "training_loss", poisoned)
-    r = _quickstart(steps=20, every=10)
-    r["checkpoint"] = {"every_steps": 4, "every_epochs": None, "keep_last": 100}
+    r = _quickstart(steps=steps, every=every)
+    r["checkpoint"] = {"every_steps": 4 if steps == 20 else 80, "every_epochs": None, "keep_last": 100}
     with pytest.raises(NonFiniteError, match=rf"step {bad_step} \(phase 'main'\) in: loss"):
         Trainer(load_recipe(r), tmp_path / "run", quiet=True).fit()
     saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))

@@ -156,6 +156,7 @@ def _run_child(base: Path, run: Path, kill_at: int) -> tuple[int, int]:
     return proc.exitcode, counter.value
 
 
+@pytest.mark.slow      # ~15-20 s: run by `make test-slow` and CI, not `make test`
 def test_sigkill_at_every_file_system_call_of_a_phase_end_and_the_finish(reference, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(reference, base)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from torchdojo import Trainer, load_recipe
-from torchdojo.checkpoint import STATE, list_checkpoints, load_checkpoint
+from torchdojo.checkpoint import list_checkpoints, load_checkpoint
 from torchdojo.methods import Method
 from torchdojo.registry import METHODS, TASKS
 

@@ -3,7 +3,6 @@ scheduled inside a phase (with exact resume), `lr_scaling`, `optimizer_state: ca
 reduce-on-plateau schedule driven by the trainer's validation passes (with exact resume)."""
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path

@@ -42,6 +42,8 @@ from .sync_batchnorm import convert_sync_batchnorm
 from .tasks import LossTerm
 
 CHECKPOINT_FORMAT = 1
+# `nonfinite: raise` checks the losses of the steps between log steps together, at least this often.
+WATCH_FOLD = 64
 
 
 class Interrupted(Exception):
@@ -319,6 +321,8 @@ class Trainer:
         self._run: MetricsFile | None = None
         self._nonfinite_skips, self._nonfinite_in_a_row = 0, 0
         self._first_bad: torch.Tensor | None = None     # `raise`: the first non-finite step since the last read
+        self._watched: list[torch.Tensor] = []          # `raise`: losses of steps not checked yet
+        self._watched_from = 0                          # the step of the first of them
         self._bf16 = recipe.precision == "bf16"
         self._frozen: list[nn.Module] = []      # the current phase's frozen modules (set per phase)
         self._train_bn = False
@@ -861,6 +865,8 @@ class Trainer:
         if policy == "skip":
             s.step_logs["train/nonfinite_skips"] = self._nonfinite_skips
         finite_now = torch.isfinite(grad_norm + loss.detach().float())
+        if policy == "raise":
+            self._fold_watched()
         if policy == "raise" and self._first_bad is not None:
             # One read for the window's watched steps and this step together.
             first_bad, finite = torch.stack([self._first_bad, finite_now.to(self._first_bad.dtype)]).tolist()
@@ -879,19 +885,32 @@ class Trainer:
         return self._non_finite(loss, grads, norms)
 
     def _watch_loss(self, loss: torch.Tensor) -> None:
-        """`nonfinite: raise` between log steps: remember the first step whose loss is not finite, on the
-        device, without reading anything back (a read per step would stop the host from queueing work
-        ahead of a GPU). A non-finite gradient makes the next step's loss non-finite, so the loss is
-        enough; `_check_watched` reads it on log steps, at phase ends and before every checkpoint."""
-        bad = ~torch.isfinite(loss.detach()).all()
-        step = torch.full((), self.state.step + 1, dtype=torch.int64, device=loss.device)
-        if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
-        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+        """`nonfinite: raise` between log steps: keep the step's loss to check later, without reading
+        anything back (a read per step would stop the host from queueing work ahead of a GPU) and
+        without launching anything (a list append). A non-finite gradient makes the next step's loss
+        non-finite, so the loss is enough. `_check_watched` reads them on log steps, at phase ends and
+        before every checkpoint; every WATCH_FOLD steps they are folded into one tensor on the device."""
+        if not self._watched:
+            self._watched_from = self.state.step + 1       # the watched steps are consecutive
+        self._watched.append(loss.detach())
+        if len(self._watched) >= WATCH_FOLD:
+            self._fold_watched()
+
+    def _fold_watched(self) -> None:
+        """Fold the watched losses into `_first_bad` (the first non-finite step, -1 if none) with device
+        operations only."""
+        if not self._watched:
+            return
+        bad = ~torch.isfinite(torch.stack(self._watched).float())
+        first = torch.where(bad.any(), self._watched_from + bad.to(torch.uint8).argmax(), -1)
+        self._first_bad = first if self._first_bad is None else \
+            torch.where(self._first_bad < 0, first, self._first_bad)
+        self._watched = []
 
     def _check_watched(self) -> None:
         """Raise NonFiniteError if a watched step had a non-finite loss (one host read, then reset). Called
         before a checkpoint is saved, so no checkpoint ever holds a model updated from a NaN."""
+        self._fold_watched()
         if self._first_bad is not None:
             first_bad, self._first_bad = int(self._first_bad), None
             self._raise_watched(first_bad)
@@ -1024,6 +1043,7 @@ class Trainer:
         return lambda model: TestTimeAugmentation(model, transform, views, how, spec.seed).eval()
 
     def _validate(self) -> None:
+        self._check_watched()       # a model spoiled by a NaN is reported as such, not evaluated
         s = self.state
         s.eval_model = self.eval_model()
         metrics = self.evaluate("val", s.eval_model)
