@@ -254,6 +254,11 @@ def _order(path: Path) -> tuple[int, int]:
         return -1, 0
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a `step-N` or `step-N-k` checkpoint folder."""
+    return _order(path)[0]
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Step checkpoint folders, oldest first, valid or not (temporary `.tmp-*` folders are not listed)."""
     if not folder.is_dir():

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write_text
-from .checkpoint import (WEIGHTS, CheckpointUnreadable, is_disk_full, latest_valid_checkpoint, list_checkpoints,
-                         load_checkpoint, read_final_weights, remove_leftovers, save_checkpoint, save_final,
-                         validate_checkpoint)
+from .checkpoint import (WEIGHTS, CheckpointUnreadable, checkpoint_step, is_disk_full, latest_valid_checkpoint,
+                         list_checkpoints, load_checkpoint, read_final_weights, remove_leftovers, save_checkpoint,
+                         save_final, validate_checkpoint)
 from .checkpoint_state import StateError, check_state
 from .data import DataBundle, TensorLoader, load_data
 from .distributed import Dist
@@ -620,7 +620,10 @@ class Trainer:
     def _disk_full(self, exc: Exception) -> DiskFull | None:
         """For a write that failed for want of space (anywhere: a checkpoint, metrics.jsonl, the summary):
         one DiskFull error naming the last good checkpoint and how to go on; else None."""
-        if not isinstance(exc, DiskFull) and not (self.run_dir is not None and is_disk_full(exc, self.run_dir)):
+        # Only write failures: the free-space rule of `is_disk_full` is for a save that failed without an
+        # errno; applied to any error (a bad recipe, a NaN) on a nearly full disk it would misname it.
+        if not isinstance(exc, DiskFull) and not (isinstance(exc, OSError) and self.run_dir is not None
+                                                  and is_disk_full(exc, self.run_dir)):
             return None
         if isinstance(exc, DiskFull):
             what = str(exc)
@@ -628,14 +631,10 @@ class Trainer:
             where = exc.filename if isinstance(exc, OSError) and exc.filename else self.run_dir
             what = f"no space left on the device while writing {where}"
         path, _ = latest_valid_checkpoint(self.run_dir / "checkpoints") if self.run_dir is not None else (None, [])
-        how = (f"the last good checkpoint is {path.name} (step {self._checkpoint_step_of(path)}); free some space "
+        how = (f"the last good checkpoint is {path.name} (step {checkpoint_step(path)}); free some space "
                f"and run `dojo resume {self.run_dir}`") if path is not None else \
             "no checkpoint was written yet; free some space and train again with --overwrite"
         return DiskFull(f"{what}; {how}")
-
-    @staticmethod
-    def _checkpoint_step_of(path: Path) -> int:
-        return int(path.name.split("-")[1])
 
     def _run_phases(self, t_start: float, resuming: bool) -> None:
         s = self.state
